@@ -1,0 +1,17 @@
+"""Helpers for the qmri-tutorials notebooks: data, DICOM loading, models, fitting, plots.
+
+Each module holds one concern; the notebooks call them in the order of a fit::
+
+    import qmri_helpers as qh
+
+    data = qh.data.load_tutorial_data("t1_ir")
+    images, header = qh.dicom.load_series(data.folder)
+    model = qh.models.inversion_recovery(header.ti)
+    start = qh.fitting.dictionary_match(images, model, "t1", t1_grid)
+    result = qh.fitting.fit_adam(model, images, start)
+"""
+
+from . import data, dicom, fitting, metrics, models, phantom, plotting
+
+__all__ = ["data", "dicom", "fitting", "metrics", "models", "phantom", "plotting"]
+__version__ = "0.1.0"

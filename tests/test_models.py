@@ -1,0 +1,50 @@
+"""Signal models and the loss: known values, shapes and errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qmri_helpers import models
+
+
+def test_ir_signal_known_values():
+    ti = torch.tensor([0.0, 0.8 * math.log(2), 100.0])
+    signal = models.ir_signal(torch.tensor(1000.0), torch.tensor(0.8), ti)
+    assert signal.tolist() == pytest.approx([1000.0, 0.0, 1000.0], abs=1e-3)
+    signed = models.ir_signal(torch.tensor(1000.0), torch.tensor(0.8), ti[:1], magnitude=False)
+    assert signed.item() == pytest.approx(-1000.0)
+
+
+def test_models_broadcast_maps_to_time_first():
+    ti = torch.tensor([0.1, 0.5, 1.0])
+    m0, t1 = torch.full((2, 4, 5), 2.0), torch.full((2, 4, 5), 0.5)
+    out = models.inversion_recovery(ti)(m0=m0, t1=t1)
+    assert out.shape == (3, 2, 4, 5)
+    assert out[1, 1, 2, 3].item() == pytest.approx(abs(2 * (1 - 2 * math.exp(-1.0))))
+
+
+def test_mono_exponential_known_values():
+    te = torch.tensor([0.0, 0.02, 0.04])
+    out = models.mono_exponential(te)(m0=torch.tensor([100.0]), t2star=torch.tensor([0.02]))
+    assert out[:, 0].tolist() == pytest.approx([100.0, 100 / math.e, 100 / math.e**2], rel=1e-5)
+
+
+def test_mse_and_its_gradient_compose_with_the_model():
+    ti = torch.tensor([0.1, 0.4, 1.6])
+    data = models.ir_signal(torch.tensor([500.0]), torch.tensor([0.3]), ti)
+    t1 = torch.tensor([0.3], requires_grad=True)
+    loss = models.mse(models.inversion_recovery(ti)(m0=torch.tensor([500.0]), t1=t1), data)
+    assert loss.item() == pytest.approx(0.0, abs=1e-8)
+    t1_off = torch.tensor([0.35], requires_grad=True)
+    loss = models.mse(models.inversion_recovery(ti)(m0=torch.tensor([500.0]), t1=t1_off), data)
+    loss.backward()
+    assert loss.item() > 0 and t1_off.grad.item() != 0
+    assert models.mse(torch.ones(3, 2), torch.zeros(3, 2), dim=0).tolist() == [1.0, 1.0]
+
+
+def test_mse_shape_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"prediction \(3, 2\) and data \(2, 3\) differ"):
+        models.mse(torch.ones(3, 2), torch.ones(2, 3))
