@@ -14,6 +14,9 @@ QMRI_DATA
     ``auto`` (default: Zenodo, else the phantom), ``zenodo`` or ``sample`` (the phantom).
 ZENODO_TOKEN
     Access token passed to zenodo_get, for restricted records or higher rate limits.
+QMRI_SHARED_DATA
+    Folder of the real scans the optional sections read (default: ``../shared/data`` beside
+    this checkout).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "cache_dir",
     "fetch",
     "load_tutorial_data",
+    "shared_data_dir",
 ]
 
 
@@ -285,3 +289,13 @@ def load_tutorial_data(
         ),
         truth=truth,
     )
+
+
+def shared_data_dir() -> Path | None:
+    """Locate the real scans: ``$QMRI_SHARED_DATA``, else ``../shared/data`` beside the checkout.
+
+    Returns None where the folder does not exist; notebooks then skip their real-data sections.
+    """
+    env = os.environ.get("QMRI_SHARED_DATA")
+    folder = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return folder if folder.is_dir() else None

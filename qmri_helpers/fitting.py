@@ -107,6 +107,10 @@ def dictionary_match(
     return {"m0": m0.reshape(shape), name: value.reshape(shape)}
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 @dataclass
 class FitResult:
     """Outcome of a voxel-wise fit.
@@ -145,13 +149,17 @@ def fit_adam(
     mask: torch.Tensor | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    log_params: bool = True,
+    normalise: bool = True,
 ) -> FitResult:
     """Fit all voxels at once with Adam, minimising the mean squared error.
 
-    All parameters are positive, so Adam works on their logarithms: a step of ``lr`` changes a
-    parameter by about ``lr`` relative to its value, whether it is a T1 of 20 ms or an M0 of
-    2000. The data are divided by their maximum during the fit, so the learning rate does
-    not depend on the scanner's intensity scale.
+    Adam moves every parameter by about ``lr`` per step, in the parameter's own units. With
+    ``log_params`` (the default) it works on the logarithms of the (positive) parameters, so a
+    step changes a T1 of 20 ms and an M0 of 2000 by the same *relative* amount. With
+    ``normalise`` the data are divided by their maximum during the fit, so the learning rate
+    does not depend on the scanner's intensity scale. Turn both off to see a plain Adam fit
+    fail on parameters of very different size.
 
     Parameters
     ----------
@@ -172,6 +180,10 @@ def fit_adam(
         "cpu", "cuda" or a torch.device; None picks the GPU when present.
     progress
         Show a tqdm progress bar.
+    log_params
+        Optimise the logarithms of the parameters (True) or the parameters themselves.
+    normalise
+        Divide the data (and M0) by the data's maximum during the fit.
 
     Returns
     -------
@@ -199,16 +211,21 @@ def fit_adam(
     finite = torch.isfinite(voxels).all(0)  # voxels with NaN/inf data fail, and only they
     voxels = torch.where(finite, voxels, 0.0)
     scale = voxels.abs().max().clamp_min(torch.finfo(data.dtype).tiny)
+    if not normalise:
+        scale = torch.ones_like(scale)
     target = voxels / scale
     starts = {k: v.flatten().to(data.device)[mask_flat].to(device) for k, v in init.items()}
     starts["m0"] = starts["m0"] / scale
-    theta = {k: torch.log(v.clamp_min(1e-12)).requires_grad_(True) for k, v in starts.items()}
+    to_param, from_param = (torch.exp, torch.log) if log_params else (_identity, _identity)
+    theta = {
+        k: from_param(v.clamp_min(1e-12)).clone().requires_grad_(True) for k, v in starts.items()
+    }
     optimizer = torch.optim.Adam(list(theta.values()), lr=lr)
     history = []
     bar = trange(n_iter, desc="Adam fit", disable=not progress, leave=False)
     for step in bar:
         optimizer.zero_grad()
-        prediction = model(**{k: torch.exp(v) for k, v in theta.items()})
+        prediction = model(**{k: to_param(v) for k, v in theta.items()})
         per_voxel = mse(prediction, target, dim=0)
         per_voxel.sum().backward()
         optimizer.step()
@@ -217,7 +234,7 @@ def fit_adam(
             bar.set_postfix(loss=f"{history[-1]:.4g}")
 
     with torch.no_grad():
-        fitted = {k: torch.exp(v) for k, v in theta.items()}
+        fitted = {k: to_param(v) for k, v in theta.items()}
         residual = mse(model(**fitted), target, dim=0).sqrt() * scale
         fitted["m0"] = fitted["m0"] * scale
         ok = finite & torch.isfinite(residual)

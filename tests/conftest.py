@@ -7,11 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qmri_helpers import phantom
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("QMRI_SHARED_DATA", ROOT.parent / "shared" / "data"))
-HAZEN = SHARED / "hazen-system-phantom-relaxometry"
+from qmri_helpers import data, phantom
 
 
 @pytest.fixture(autouse=True)
@@ -28,14 +24,27 @@ def ir_phantom(tmp_path_factory):
     return folder, phantom.write_ir_phantom(folder)
 
 
-@pytest.fixture(scope="session")
-def hazen() -> Path:
-    """The hazen phantom scans in ../shared/data; skipped where absent unless required.
+def _shared(name: str) -> Path:
+    """A folder of real scans in ../shared/data; skipped where absent unless required.
 
     .ci/run sets QMRI_REQUIRE_SHARED=1, so that there a missing folder fails instead.
     """
-    if not HAZEN.is_dir():
+    root = data.shared_data_dir()
+    folder = root / name if root is not None else Path("../shared/data") / name
+    if not folder.is_dir():
         if os.environ.get("QMRI_REQUIRE_SHARED") == "1":
-            pytest.fail(f"{HAZEN} is missing, and QMRI_REQUIRE_SHARED=1")
-        pytest.skip(f"{HAZEN} not found (real scans live in ../shared/data)")
-    return HAZEN
+            pytest.fail(f"{folder} is missing, and QMRI_REQUIRE_SHARED=1")
+        pytest.skip(f"{folder} not found (real scans live in ../shared/data)")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hazen() -> Path:
+    """The hazen system-phantom scans (T1 IR and T2 spin echo DICOMs)."""
+    return _shared("hazen-system-phantom-relaxometry")
+
+
+@pytest.fixture(scope="session")
+def kidney() -> Path:
+    """The ukat kidney multi-echo GRE NIfTIs with the scanner's R2* map."""
+    return _shared("ukat-kidney-r2star-siemens")

@@ -63,7 +63,10 @@ def _run(notebook: str, setup: str) -> str:
 
 @pytest.mark.parametrize(
     ("notebook", "name", "folder", "write"),
-    [("01_t1_inversion_recovery.py", "t1_ir", "T1 IR", phantom.write_ir_phantom)],
+    [
+        ("01_t1_inversion_recovery.py", "t1_ir", "T1 IR", phantom.write_ir_phantom),
+        ("02_t2star_multi_echo.py", "t2star", "T2star", phantom.write_multi_echo_phantom),
+    ],
 )
 def test_notebook_runs_on_downloaded_data(tmp_path, notebook, name, folder, write):
     zip_path = _challenge_like_zip(tmp_path, folder, write)
