@@ -158,7 +158,7 @@ qh.plotting.show_maps(
 # ### How good is the map?
 # On the phantom we know the truth, so the relative error $(\hat T_1 - T_1)/T_1$ is a map of
 # its own. On the challenge data there is no truth; we show the relative residual instead,
-# $\mathrm{RMS}(\text{data} - \text{model}) / \max|\text{data}|$ per voxel, which exposes voxels
+# $\|\text{data} - \text{model}\| / \|\text{data}\|$ per voxel, which exposes voxels
 # the model does not describe.
 
 # %%
@@ -167,10 +167,8 @@ if data.truth is not None:
     panel = MapSpec(error, "Relative error of T1", "relative error (%)", -5, 5, "RdBu_r", 100)
     shown = torch.as_tensor(data.truth.labels > 0)
 else:
-    residual = result.rmse / images.abs().amax(0).clamp_min(1e-12)
-    panel = MapSpec(
-        residual, "Relative residual", "RMS residual / max signal (%)", 0, 10, "magma", 100
-    )
+    residual = result.residual_norm / images.norm(dim=0).clamp_min(1e-12)
+    panel = MapSpec(residual, "Relative residual", "‖residual‖ / ‖data‖ (%)", 0, 10, "magma", 100)
     shown = mask
 qh.plotting.show_maps([panel], mask=shown, title=f"Error map ({data.source})")
 # %% [markdown]

@@ -154,10 +154,8 @@ if data.truth is not None:
     panel = MapSpec(error, "Relative error of T2*", "relative error (%)", -5, 5, "RdBu_r", 100)
     shown = torch.as_tensor(data.truth.labels > 0)
 else:
-    residual = result.rmse / images.abs().amax(0).clamp_min(1e-12)
-    panel = MapSpec(
-        residual, "Relative residual", "RMS residual / max signal (%)", 0, 10, "magma", 100
-    )
+    residual = result.residual_norm / images.norm(dim=0).clamp_min(1e-12)
+    panel = MapSpec(residual, "Relative residual", "‖residual‖ / ‖data‖ (%)", 0, 10, "magma", 100)
     shown = mask
 qh.plotting.show_maps([panel], mask=shown, title=f"Error map ({data.source})")
 # %%

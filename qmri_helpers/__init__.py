@@ -11,7 +11,17 @@ Each module holds one concern; the notebooks call them in the order of a fit::
     result = qh.fitting.fit_adam(model, images, start)
 """
 
-from . import data, dicom, fitting, metrics, models, nifti, phantom, plotting
+from . import data, dicom, fitting, metrics, models, nifti, phantom, phantom_qa, plotting
 
-__all__ = ["data", "dicom", "fitting", "metrics", "models", "nifti", "phantom", "plotting"]
+__all__ = [
+    "data",
+    "dicom",
+    "fitting",
+    "metrics",
+    "models",
+    "nifti",
+    "phantom",
+    "phantom_qa",
+    "plotting",
+]
 __version__ = "0.1.0"

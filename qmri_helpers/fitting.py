@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import einops
 import torch
 from tqdm.auto import trange
 
-from .models import SignalModel, mse
+from .models import SeparableModel, SignalModel, mse
 
-__all__ = ["FitResult", "default_device", "dictionary_match", "fit_adam", "signal_mask"]
+__all__ = [
+    "FitResult",
+    "default_device",
+    "dictionary_match",
+    "fit_adam",
+    "fit_lm",
+    "fit_varpro",
+    "signal_mask",
+]
 
 #: Working memory that dictionary matching may use per chunk (bytes).
 DICTIONARY_CHUNK_BYTES = 256 * 2**20
@@ -113,7 +122,7 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class FitResult:
-    """Outcome of a voxel-wise fit.
+    r"""Outcome of a voxel-wise fit.
 
     Attributes
     ----------
@@ -121,13 +130,20 @@ class FitResult:
         Fitted maps by name (e.g. ``"m0"``, ``"t1"`` in s), shape ``(...)``, on the CPU.
         Voxels that were not fitted or failed hold 0.
     valid
-        Boolean map: True where the fit ran and gave finite values.
+        Boolean map: True where the fit ran and gave finite values inside the bounds.
     n_failed
-        Number of fitted voxels that gave non-finite values (masked out, never NaN).
-    rmse
-        Root-mean-square residual per voxel, in the units of the data; 0 where not valid.
+        Number of fitted voxels that failed (masked out, never NaN).
+    residual_norm
+        :math:`\|data - model\|_2` per voxel, in the units of the data.
+    r_squared
+        Coefficient of determination per voxel, :math:`1 - RSS / \sum (y - \bar y)^2`.
+    sd
+        Cramér-Rao standard deviation per parameter (same units), from the Jacobian at the
+        solution and the noise level: :math:`\sigma \sqrt{[(J^T J)^{-1}]_{ii}}`.
+    noise_sigma
+        The noise standard deviation used for ``sd`` (given, or estimated from the residuals).
     loss_history
-        Mean squared error over all fitted voxels after each iteration (data units squared).
+        Mean squared error over the fitted voxels after each iteration (data units squared).
     device
         Where the fit ran.
     """
@@ -135,9 +151,69 @@ class FitResult:
     params: dict[str, torch.Tensor]
     valid: torch.Tensor
     n_failed: int
-    rmse: torch.Tensor
+    residual_norm: torch.Tensor
+    r_squared: torch.Tensor
+    sd: dict[str, torch.Tensor]
+    noise_sigma: float
     loss_history: list[float]
     device: torch.device
+
+
+def _goodness(
+    residual: torch.Tensor, jacobian: torch.Tensor, data: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RSS, R² and the diagonal of (JᵀJ)⁻¹ per voxel; residual/data ``(V, n)``, J ``(V, n, q)``."""
+    rss = (residual**2).sum(-1)
+    tss = ((data - data.mean(-1, keepdim=True)) ** 2).sum(-1)
+    r_squared = 1 - rss / tss.clamp_min(torch.finfo(data.dtype).tiny)
+    fisher = jacobian.transpose(-1, -2) @ jacobian
+    eye = torch.eye(fisher.shape[-1], dtype=fisher.dtype, device=fisher.device)
+    ridge = 1e-12 * fisher.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-30)
+    inverse_diag = torch.linalg.inv(fisher + ridge[:, None, None] * eye).diagonal(dim1=-2, dim2=-1)
+    return rss, r_squared, inverse_diag
+
+
+def _estimate_sigma(rss: torch.Tensor, ok: torch.Tensor, dof: int) -> float:
+    """Noise std from the median residual variance of the valid voxels."""
+    if dof <= 0 or not bool(ok.any()):
+        return float("nan")
+    return float((rss[ok] / dof).median().sqrt())
+
+
+def _pack(
+    shape: torch.Size,
+    mask_flat: torch.Tensor,
+    ok: torch.Tensor,
+    values: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """Scatter per-voxel values back into maps of ``shape``; 0 where not ok or not fitted."""
+    maps = {}
+    for name, value in values.items():
+        full = torch.zeros(mask_flat.numel(), dtype=dtype)
+        clean = torch.where(ok & torch.isfinite(value), value, torch.zeros_like(value))
+        full[mask_flat.cpu()] = clean.cpu().to(dtype)
+        maps[name] = full.reshape(shape)
+    return maps
+
+
+def _result(
+    shape, mask_flat, ok, params, residual_norm, r_squared, sd_unit, sigma, history, device, dtype
+) -> FitResult:
+    valid = torch.zeros(mask_flat.numel(), dtype=torch.bool)
+    valid[mask_flat.cpu()] = ok.cpu()
+    sd = {k: v * sigma for k, v in sd_unit.items()}
+    return FitResult(
+        params=_pack(shape, mask_flat, ok, params, dtype),
+        valid=valid.reshape(shape),
+        n_failed=int((~ok).sum()),
+        residual_norm=_pack(shape, mask_flat, ok, {"r": residual_norm}, dtype)["r"],
+        r_squared=_pack(shape, mask_flat, ok, {"r": r_squared}, dtype)["r"],
+        sd=_pack(shape, mask_flat, ok, sd, dtype),
+        noise_sigma=sigma,
+        loss_history=history,
+        device=device,
+    )
 
 
 def fit_adam(
@@ -151,6 +227,8 @@ def fit_adam(
     progress: bool = True,
     log_params: bool = True,
     normalise: bool = True,
+    noise_sigma: float | None = None,
+    callback: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
 ) -> FitResult:
     """Fit all voxels at once with Adam, minimising the mean squared error.
 
@@ -184,11 +262,17 @@ def fit_adam(
         Optimise the logarithms of the parameters (True) or the parameters themselves.
     normalise
         Divide the data (and M0) by the data's maximum during the fit.
+    noise_sigma
+        Noise standard deviation of the data, for the Cramér-Rao ``sd``; None estimates it
+        from the residuals.
+    callback
+        Called as ``callback(iteration, params)`` after every step, with the current
+        parameters of the fitted voxels (flat, in the units of ``init``).
 
     Returns
     -------
     FitResult
-        Maps, validity mask, failure count, residuals and loss history.
+        Maps, validity mask, failure count, goodness of fit and loss history.
     """
     _check_data(data)
     shape = data.shape[1:]
@@ -230,29 +314,288 @@ def fit_adam(
         per_voxel.sum().backward()
         optimizer.step()
         history.append(float(per_voxel.detach().mean() * scale**2))
+        if callback is not None:
+            with torch.no_grad():
+                current = {k: to_param(v) for k, v in theta.items()}
+                current["m0"] = current["m0"] * scale
+                callback(step, current)
         if step % 100 == 0:
             bar.set_postfix(loss=f"{history[-1]:.4g}")
 
     with torch.no_grad():
         fitted = {k: to_param(v) for k, v in theta.items()}
-        residual = mse(model(**fitted), target, dim=0).sqrt() * scale
+        names = list(fitted)
+        primals = tuple(fitted[k] for k in names)
+
+        def signal(*values: torch.Tensor) -> torch.Tensor:
+            return model(**dict(zip(names, values, strict=True)))
+
+        prediction = signal(*primals)
+        # Voxels are independent, so one forward-mode pass per parameter gives the Jacobian.
+        columns = [
+            torch.func.jvp(signal, primals, tuple(
+                torch.ones_like(p) if i == j else torch.zeros_like(p) for j, p in enumerate(primals)
+            ))[1]
+            for i in range(len(names))
+        ]  # fmt: skip
+        jacobian = torch.stack(columns, -1).transpose(0, 1)  # (V, n, q)
+        residual = (target - prediction).T
+        rss, r_squared, inverse_diag = _goodness(residual, jacobian, target.T)
         fitted["m0"] = fitted["m0"] * scale
-        ok = finite & torch.isfinite(residual)
+        ok = finite & torch.isfinite(rss)
         for value in fitted.values():
             ok &= torch.isfinite(value) & (value > 0)
+        dof = data.shape[0] - len(names)
+        sigma_fit = noise_sigma / float(scale) if noise_sigma is not None else None
+        if sigma_fit is None:
+            sigma_fit = _estimate_sigma(rss, ok, dof)
+        sd_unit = {k: inverse_diag[:, i].clamp_min(0).sqrt() for i, k in enumerate(names)}
+        sd_unit["m0"] = sd_unit["m0"] * scale
+        return _result(
+            shape, mask_flat, ok, fitted, rss.sqrt() * scale, r_squared, sd_unit, sigma_fit,
+            history, device, data.dtype,
+        )  # fmt: skip
 
-    def to_map(values: torch.Tensor) -> torch.Tensor:
-        full = torch.zeros(mask_flat.numel(), dtype=data.dtype)
-        full[mask_flat.cpu()] = torch.where(ok, values, 0.0).cpu().to(data.dtype)
-        return full.reshape(shape)
 
-    valid = torch.zeros(mask_flat.numel(), dtype=torch.bool)
-    valid[mask_flat.cpu()] = ok.cpu()
-    return FitResult(
-        params={k: to_map(v) for k, v in fitted.items()},
-        valid=valid.reshape(shape),
-        n_failed=int((~ok).sum()),
-        rmse=to_map(residual),
-        loss_history=history,
-        device=device,
-    )
+# --- Fast and exact: variable projection, then Levenberg-Marquardt -------------------------
+
+#: Working memory for one chunk of voxels in the variable-projection grid search (bytes).
+VARPRO_CHUNK_BYTES = 128 * 2**20
+#: Voxels per chunk in Levenberg-Marquardt.
+LM_CHUNK_VOXELS = 2**17
+
+
+def _polarity_signs(y: torch.Tensor) -> torch.Tensor:
+    """Sign patterns to try for magnitude IR data ``(n, V)``: shape ``(2, n, V)``.
+
+    The null of an IR curve lies next to its smallest magnitude, at index m: the points before
+    it are negative. Either the minimum itself is still negative (flip points 0..m) or already
+    positive (flip points 0..m-1); these two candidates cover every position of the null.
+    """
+    n = y.shape[0]
+    index = torch.arange(n, device=y.device)[:, None]
+    m = y.argmin(0, keepdim=True)
+    flip_through_min = torch.where(index <= m, -1.0, 1.0).to(y.dtype)
+    flip_before_min = torch.where(index < m, -1.0, 1.0).to(y.dtype)
+    return torch.stack([flip_through_min, flip_before_min])
+
+
+def _varpro_chunk(
+    model: SeparableModel, y: torch.Tensor, grid: torch.Tensor, polarity: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best grid value, coefficients and sign pattern for the voxels ``y`` of shape (n, V)."""
+    basis = model.dictionary(grid).to(y.dtype)  # (n, p, K)
+    if model.magnitude and not polarity:
+        basis = basis.abs()  # the seed model's sign follows from tau: fit c |phi|
+    q, r = torch.linalg.qr(einops.rearrange(basis, "n p k -> k n p"))  # (K, n, p), (K, p, p)
+    signs = _polarity_signs(y) if polarity else torch.ones((1, *y.shape), dtype=y.dtype)
+    best_score = torch.full(y.shape[1:], -torch.inf, dtype=y.dtype)
+    best_k = torch.zeros(y.shape[1:], dtype=torch.long)
+    best_sign = torch.zeros(y.shape[1:], dtype=torch.long)
+    for s, sign in enumerate(signs):
+        projection = einops.einsum(q, sign * y, "k n p, n v -> k p v")
+        score, k = (projection**2).sum(1).max(0)  # the largest projection: the least residual
+        better = score > best_score
+        best_score = torch.where(better, score, best_score)
+        best_k = torch.where(better, k, best_k)
+        best_sign = torch.where(better, s, best_sign)
+    sign = signs[best_sign, :, torch.arange(y.shape[1])].T  # (n, V)
+    signed = sign * y
+    q_best, r_best = q[best_k], r[best_k]  # (V, n, p), (V, p, p)
+    projection = einops.einsum(q_best, signed, "v n p, n v -> v p")
+    coefficients = torch.linalg.solve_triangular(r_best, projection[..., None], upper=True)
+    coefficients = coefficients[..., 0].T  # (p, V)
+    if model.magnitude and not polarity:
+        coefficients = coefficients.abs()
+    return grid[best_k], coefficients, sign
+
+
+def _lm_chunk(
+    model: SeparableModel,
+    y: torch.Tensor,
+    coefficients: torch.Tensor,
+    tau: torch.Tensor,
+    max_iter: int,
+    tol: float,
+    history: list[torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Levenberg-Marquardt on all voxels of a chunk at once, with per-voxel damping.
+
+    ``y`` is (n, V), ``coefficients`` (p, V), ``tau`` (V,). Each voxel keeps its own damping
+    factor and stops on its own once a step lowers its cost by less than ``tol`` (relative).
+    Returns the coefficients, tau and the per-voxel iteration count.
+    """
+    lo, hi = model.bounds
+    x = torch.cat([coefficients, tau[None]], 0).T.clone()  # (V, q)
+    p = coefficients.shape[0]
+    n_voxels = x.shape[0]
+    damping = torch.full((n_voxels,), 1e-3, dtype=y.dtype)
+    iterations = torch.zeros(n_voxels, dtype=torch.long)
+    active = torch.arange(n_voxels)
+    data = y.T  # (V, n)
+
+    def cost_of(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        return ((ys - model(xs[:, :p].T, xs[:, p]).T) ** 2).sum(-1)
+
+    cost = cost_of(x, data)
+    for _ in range(max_iter):
+        if active.numel() == 0:
+            break
+        xa, ya, lam = x[active], data[active], damping[active]
+        residual = ya - model(xa[:, :p].T, xa[:, p]).T  # (A, n)
+        jac = einops.rearrange(model.jacobian(xa[:, :p].T, xa[:, p]), "n q a -> a n q")
+        hessian = jac.transpose(1, 2) @ jac
+        gradient = (jac.transpose(1, 2) @ residual[..., None])[..., 0]
+        diag = hessian.diagonal(dim1=1, dim2=2).clamp_min(1e-30)
+        system = hessian + torch.diag_embed(lam[:, None] * diag)
+        step = torch.linalg.solve(system, gradient[..., None])[..., 0]
+        trial = xa + step
+        trial[:, p] = trial[:, p].clamp(lo, hi)
+        trial_cost = cost_of(trial, ya)
+        old_cost = cost[active]
+        accept = torch.isfinite(trial_cost) & (trial_cost < old_cost)
+        x[active] = torch.where(accept[:, None], trial, xa)
+        cost[active] = torch.where(accept, trial_cost, old_cost)
+        damping[active] = torch.where(accept, (lam / 10).clamp_min(1e-12), lam * 10)
+        iterations[active] += 1
+        converged = accept & (old_cost - trial_cost <= tol * old_cost)
+        stuck = damping[active] > 1e12
+        active = active[~(converged | stuck)]
+        if history is not None:
+            history.append(cost.clone())
+    return x[:, :p].T, x[:, p], iterations
+
+
+def _flatten(
+    data: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
+    _check_data(data)
+    shape = data.shape[1:]
+    if mask is None:
+        mask = torch.ones(shape, dtype=torch.bool)
+    elif tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+    mask_flat = mask.flatten()
+    return einops.rearrange(data, "c ... -> c (...)")[:, mask_flat], mask_flat, shape
+
+
+def _check_model(model: SeparableModel, data: torch.Tensor) -> None:
+    if model.times.numel() != data.shape[0]:
+        raise ValueError(
+            f"the model has {model.times.numel()} time points but the data has {data.shape[0]}"
+        )
+    if model.times.numel() <= len(model.linear) + 1:
+        raise ValueError(
+            f"{model.times.numel()} time points cannot determine the {len(model.linear) + 1} "
+            f"parameters of {model.name}"
+        )
+
+
+def fit_varpro(
+    model: SeparableModel,
+    data: torch.Tensor,
+    grid: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    lm_iterations: int = 0,
+    tol: float = 1e-10,
+    noise_sigma: float | None = None,
+    dtype: torch.dtype = torch.float64,
+    progress: bool = False,
+) -> FitResult:
+    """Fit a separable model by variable projection, optionally refined by Levenberg-Marquardt.
+
+    For every value of a log-spaced grid of tau the linear coefficients (M0, or a and b) have a
+    closed-form least-squares solution, so the best grid value of each voxel is found with one
+    projection per grid value; for magnitude IR data the two possible positions of the null
+    are tried (polarity restoration). ``lm_iterations`` Levenberg-Marquardt steps then refine
+    all parameters of all voxels at once, each voxel with its own damping and stopping rule,
+    tau kept within ``model.bounds``. Voxels are processed in chunks, so memory stays bounded.
+
+    Parameters
+    ----------
+    model
+        A :class:`~qmri_helpers.models.SeparableModel`, e.g. ``ir_tr_model(ti, tr)``.
+    data
+        Signal of shape ``(n_times, ...)``: magnitudes for a magnitude model, else signed.
+    grid
+        Grid of tau in s; default 120 log-spaced values, 10 ms to 5 s for T1 and 1 ms to 1 s
+        otherwise.
+    mask
+        Voxels to fit, shape ``(...)``; None fits all.
+    lm_iterations
+        Maximum number of Levenberg-Marquardt iterations (0: grid search only).
+    tol
+        Relative decrease of a voxel's cost below which it has converged.
+    noise_sigma
+        Noise standard deviation for the Cramér-Rao ``sd``; None estimates it.
+    dtype
+        Precision of the computation (float64 by default; maps are returned in data's dtype).
+    progress
+        Show a tqdm progress bar over chunks.
+
+    Returns
+    -------
+    FitResult
+        Maps of the physical parameters (``model.derive``) and tau, with goodness of fit.
+    """
+    voxels, mask_flat, shape = _flatten(data, mask)
+    _check_model(model, data)
+    if grid is None:
+        lo, hi = (0.01, 5.0) if model.nonlinear == "t1" else (0.001, 1.0)
+        grid = torch.logspace(torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(hi)), 120)
+    grid = grid.to(dtype)
+    n, n_voxels = voxels.shape
+    p = len(model.linear)
+    work = model  # its basis is evaluated in the dtype of tau, so float64 throughout
+    polarity = model.polarity
+    finite = torch.isfinite(voxels).all(0)
+    chunk = max(1, VARPRO_CHUNK_BYTES // (8 * grid.numel() * (p + 2) + 8 * n * 4))
+    chunk = min(chunk, LM_CHUNK_VOXELS) if lm_iterations else chunk
+    coefficients = torch.zeros(p, n_voxels, dtype=dtype)
+    tau = torch.zeros(n_voxels, dtype=dtype)
+    rss = torch.zeros(n_voxels, dtype=dtype)
+    r_squared = torch.zeros(n_voxels, dtype=dtype)
+    inverse_diag = torch.zeros(n_voxels, p + 1, dtype=dtype)
+    history_chunks: list[list[torch.Tensor]] = []
+    for start in trange(0, n_voxels, chunk, desc="VarPro+LM", disable=not progress, leave=False):
+        sl = slice(start, start + chunk)
+        y = torch.where(finite[sl], voxels[:, sl].to(dtype), 0.0)
+        t, c, _ = _varpro_chunk(work, y, grid, polarity)
+        history: list[torch.Tensor] = [((y - work(c, t)) ** 2).sum(0)]
+        if lm_iterations:
+            c, t, _ = _lm_chunk(work, y, c, t, lm_iterations, tol, history)
+        history_chunks.append(history)
+        residual = (y - work(c, t)).T
+        jac = einops.rearrange(work.jacobian(c, t), "n q v -> v n q")
+        rss[sl], r_squared[sl], inverse_diag[sl] = _goodness(residual, jac, y.T)
+        coefficients[:, sl], tau[sl] = c, t
+    lo, hi = model.bounds
+    ok = finite & torch.isfinite(rss) & torch.isfinite(tau)
+    ok &= (tau > lo * (1 + 1e-6)) & (tau < hi * (1 - 1e-6))
+    sigma = noise_sigma if noise_sigma is not None else _estimate_sigma(rss, ok, n - p - 1)
+    params = {**model.derive(coefficients), model.nonlinear: tau}
+    sd_unit = {name: inverse_diag[:, i].clamp_min(0).sqrt() for i, name in enumerate(model.linear)}
+    sd_unit[model.nonlinear] = inverse_diag[:, p].clamp_min(0).sqrt()
+    depth = max(len(h) for h in history_chunks)
+    loss_history = [
+        float(sum(h[min(i, len(h) - 1)].sum() for h in history_chunks) / (n_voxels * n))
+        for i in range(depth)
+    ]
+    return _result(
+        shape, mask_flat, ok, params, rss.sqrt(), r_squared, sd_unit, sigma, loss_history,
+        torch.device("cpu"), data.dtype,
+    )  # fmt: skip
+
+
+def fit_lm(
+    model: SeparableModel,
+    data: torch.Tensor,
+    max_iter: int = 50,
+    **kwargs,
+) -> FitResult:
+    """Variable-projection start, then batched Levenberg-Marquardt: the fast and exact fit.
+
+    A shorthand for ``fit_varpro(model, data, lm_iterations=max_iter, ...)``; see
+    :func:`fit_varpro` for the parameters.
+    """
+    return fit_varpro(model, data, lm_iterations=max_iter, **kwargs)

@@ -9,6 +9,7 @@ Times are in seconds. Parameter maps of shape ``(...)`` give signals of shape
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +19,11 @@ __all__ = [
     "mono_exp_signal",
     "mono_exponential",
     "mse",
+    "SeparableModel",
+    "ir_seed_model",
+    "ir_three_parameter_model",
+    "ir_tr_model",
+    "mono_exp_model",
 ]
 
 SignalModel = Callable[..., torch.Tensor]
@@ -110,3 +116,171 @@ def mse(prediction: torch.Tensor, data: torch.Tensor, dim: int | None = None) ->
         )
     squared = (prediction - data) ** 2
     return squared.mean() if dim is None else squared.mean(dim)
+
+
+# --- Separable models: linear coefficients times basis curves of one time constant ---------
+
+
+@dataclass(frozen=True)
+class SeparableModel:
+    r"""A signal :math:`s(t) = \sum_j c_j\, \phi_j(t; \tau)`, optionally its magnitude.
+
+    The coefficients :math:`c` enter linearly, so for a given time constant :math:`\tau`
+    (T1 or T2*, in s) they have a closed-form least-squares solution: the basis of variable
+    projection. One frozen dataclass per model holds its basis, the basis' derivative (the
+    Jacobian, by hand) and the names of its parameters.
+
+    Attributes
+    ----------
+    name
+        Short description, e.g. ``"IR |a + b exp(-TI/T1)|"``.
+    linear
+        Names of the coefficients :math:`c_j`.
+    nonlinear
+        Name of :math:`\tau`, e.g. ``"t1"`` or ``"t2star"``.
+    times
+        Inversion or echo times in s, shape ``(n,)``.
+    basis_fn, basis_derivative_fn
+        ``tau (...)`` to :math:`\phi` and :math:`\partial\phi/\partial\tau`, shape ``(n, p, ...)``.
+    magnitude
+        True when the data are magnitudes: the model is :math:`|s|`, and IR fits search the
+        polarity.
+    bounds
+        Allowed range of :math:`\tau` in s.
+    derive
+        Map the coefficients to physical parameters, e.g. ``{"m0": c0, "k": c1 / c0}``.
+    polarity
+        Whether a fit of magnitude data must search the sign of each point (the null of an
+        IR curve whose shape the coefficients set). Models whose sign pattern follows from
+        tau alone (the seed IR model) need no search.
+    """
+
+    name: str
+    linear: tuple[str, ...]
+    nonlinear: str
+    times: torch.Tensor
+    basis_fn: Callable[[torch.Tensor], torch.Tensor]
+    basis_derivative_fn: Callable[[torch.Tensor], torch.Tensor]
+    magnitude: bool
+    bounds: tuple[float, float]
+    derive: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    polarity: bool = False
+
+    def basis(self, tau: torch.Tensor) -> torch.Tensor:
+        r"""Basis curves :math:`\phi(t; \tau)`, shape ``(n, p, ...)``."""
+        return self.basis_fn(tau)
+
+    def dictionary(self, grid: torch.Tensor) -> torch.Tensor:
+        r"""The basis for every value of a grid of :math:`\tau`, shape ``(n, p, k)``."""
+        return self.basis_fn(grid.flatten())
+
+    def signed(self, coefficients: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """Signed signal, shape ``(n, ...)``, for coefficients ``(p, ...)`` and tau ``(...)``."""
+        return (self.basis_fn(tau) * coefficients.unsqueeze(0)).sum(1)
+
+    def __call__(self, coefficients: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """The model signal: :meth:`signed`, or its magnitude for magnitude data."""
+        signal = self.signed(coefficients, tau)
+        return signal.abs() if self.magnitude else signal
+
+    def jacobian(self, coefficients: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """Derivatives of the model signal by ``(c_1, ..., c_p, tau)``, shape ``(n, p+1, ...)``."""
+        phi = self.basis_fn(tau)
+        d_tau = (self.basis_derivative_fn(tau) * coefficients.unsqueeze(0)).sum(1, keepdim=True)
+        jac = torch.cat([phi, d_tau], dim=1)
+        if self.magnitude:
+            sign = torch.sign((phi * coefficients.unsqueeze(0)).sum(1, keepdim=True))
+            jac = jac * torch.where(sign == 0, torch.ones_like(sign), sign)
+        return jac
+
+
+def _decay(t: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``exp(-t/tau)`` and its derivative by tau, both ``(n, ...)``."""
+    t = _times(t, tau)
+    e = torch.exp(-t / tau)
+    return e, e * t / tau**2
+
+
+def ir_seed_model(ti: torch.Tensor, magnitude: bool = True) -> SeparableModel:
+    r"""The seed's IR model, :math:`|M_0 (1 - 2 e^{-TI/T_1})|`: full recovery, ideal inversion."""
+
+    def basis(tau):
+        e, _ = _decay(ti, tau)
+        return (1 - 2 * e).unsqueeze(1)
+
+    def derivative(tau):
+        _, de = _decay(ti, tau)
+        return (-2 * de).unsqueeze(1)
+
+    return SeparableModel(
+        "IR |M0 (1 - 2 exp(-TI/T1))|", ("m0",), "t1", torch.as_tensor(ti), basis, derivative,
+        magnitude, (1e-3, 10.0), lambda c: {"m0": c[0]},
+    )  # fmt: skip
+
+
+def ir_three_parameter_model(ti: torch.Tensor, magnitude: bool = True) -> SeparableModel:
+    r"""The 3-parameter IR model :math:`|a + b\, e^{-TI/T_1}|`.
+
+    It absorbs incomplete recovery at a constant TR and an imperfect inversion into ``a`` and
+    ``b``; for an ideal experiment ``b = -2a``.
+    """
+
+    def basis(tau):
+        e, _ = _decay(ti, tau)
+        return torch.stack([torch.ones_like(e), e], 1)
+
+    def derivative(tau):
+        _, de = _decay(ti, tau)
+        return torch.stack([torch.zeros_like(de), de], 1)
+
+    return SeparableModel(
+        "IR |a + b exp(-TI/T1)|", ("a", "b"), "t1", torch.as_tensor(ti), basis, derivative,
+        magnitude, (1e-3, 10.0), lambda c: {"a": c[0], "b": c[1]}, polarity=magnitude,
+    )  # fmt: skip
+
+
+def ir_tr_model(
+    ti: torch.Tensor, tr: torch.Tensor | float, magnitude: bool = True
+) -> SeparableModel:
+    r"""TR-aware IR model, :math:`M_0 (1 - k e^{-TI/T_1} + (k-1) e^{-TR/T_1})`.
+
+    The signal of an inversion-recovery spin echo repeated every TR (which may differ per TI,
+    as on Siemens scanners where TR grows with TI); :math:`k = 2` for a perfect inversion. As a
+    separable model: :math:`c_0 = M_0`, :math:`c_1 = M_0 k`, with the basis
+    :math:`1 - e^{-TR/T_1}` and :math:`e^{-TR/T_1} - e^{-TI/T_1}`.
+    """
+    ti = torch.as_tensor(ti)
+    tr = torch.broadcast_to(torch.as_tensor(tr, dtype=ti.dtype), ti.shape)
+
+    def basis(tau):
+        e_ti, _ = _decay(ti, tau)
+        e_tr, _ = _decay(tr, tau)
+        return torch.stack([1 - e_tr, e_tr - e_ti], 1)
+
+    def derivative(tau):
+        _, de_ti = _decay(ti, tau)
+        _, de_tr = _decay(tr, tau)
+        return torch.stack([-de_tr, de_tr - de_ti], 1)
+
+    def derive(c):
+        return {"m0": c[0], "k": c[1] / torch.where(c[0] == 0, torch.ones_like(c[0]), c[0])}
+
+    return SeparableModel(
+        "IR M0 (1 - k exp(-TI/T1) + (k-1) exp(-TR/T1))", ("m0", "m0k"), "t1", ti, basis,
+        derivative, magnitude, (1e-3, 10.0), derive, polarity=magnitude,
+    )  # fmt: skip
+
+
+def mono_exp_model(te: torch.Tensor, name: str = "t2star") -> SeparableModel:
+    r"""Mono-exponential decay :math:`M_0 e^{-TE/\tau}` (T2* or, for spin echoes, T2)."""
+
+    def basis(tau):
+        return _decay(te, tau)[0].unsqueeze(1)
+
+    def derivative(tau):
+        return _decay(te, tau)[1].unsqueeze(1)
+
+    return SeparableModel(
+        f"M0 exp(-TE/{name})", ("m0",), name, torch.as_tensor(te), basis, derivative,
+        False, (1e-4, 10.0), lambda c: {"m0": c[0]},
+    )  # fmt: skip
