@@ -40,6 +40,7 @@ test: lint
 	$(BIN)/pytest --nbmake
 
 sync: setup
+	$(BIN)/ruff format notebooks
 	$(BIN)/jupytext --sync $(NOTEBOOKS)
 
 clean:

@@ -140,8 +140,9 @@ class SeparableModel:
         Name of :math:`\tau`, e.g. ``"t1"`` or ``"t2star"``.
     times
         Inversion or echo times in s, shape ``(n,)``.
-    basis_fn, basis_derivative_fn
-        ``tau (...)`` to :math:`\phi` and :math:`\partial\phi/\partial\tau`, shape ``(n, p, ...)``.
+    basis_fn
+        ``tau (...)`` to :math:`\phi` and :math:`\partial\phi/\partial\tau`, both of shape
+        ``(n, p, ...)``, computed together (they share the exponentials).
     magnitude
         True when the data are magnitudes: the model is :math:`|s|`, and IR fits search the
         polarity.
@@ -159,8 +160,7 @@ class SeparableModel:
     linear: tuple[str, ...]
     nonlinear: str
     times: torch.Tensor
-    basis_fn: Callable[[torch.Tensor], torch.Tensor]
-    basis_derivative_fn: Callable[[torch.Tensor], torch.Tensor]
+    basis_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     magnitude: bool
     bounds: tuple[float, float]
     derive: Callable[[torch.Tensor], dict[str, torch.Tensor]]
@@ -168,30 +168,41 @@ class SeparableModel:
 
     def basis(self, tau: torch.Tensor) -> torch.Tensor:
         r"""Basis curves :math:`\phi(t; \tau)`, shape ``(n, p, ...)``."""
-        return self.basis_fn(tau)
+        return self.basis_fn(tau)[0]
 
     def dictionary(self, grid: torch.Tensor) -> torch.Tensor:
         r"""The basis for every value of a grid of :math:`\tau`, shape ``(n, p, k)``."""
-        return self.basis_fn(grid.flatten())
+        return self.basis_fn(grid.flatten())[0]
 
     def signed(self, coefficients: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         """Signed signal, shape ``(n, ...)``, for coefficients ``(p, ...)`` and tau ``(...)``."""
-        return (self.basis_fn(tau) * coefficients.unsqueeze(0)).sum(1)
+        return (self.basis(tau) * coefficients.unsqueeze(0)).sum(1)
 
     def __call__(self, coefficients: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         """The model signal: :meth:`signed`, or its magnitude for magnitude data."""
         signal = self.signed(coefficients, tau)
         return signal.abs() if self.magnitude else signal
 
+    def evaluate(
+        self, coefficients: torch.Tensor, tau: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model signal ``(n, ...)`` and its Jacobian ``(n, p+1, ...)`` in one pass.
+
+        The Jacobian holds the derivatives by ``(c_1, ..., c_p, tau)``, written by hand from the
+        basis; for magnitude data it is multiplied by the sign of the signed signal.
+        """
+        phi, d_phi = self.basis_fn(tau)
+        c = coefficients.unsqueeze(0)
+        signal = (phi * c).sum(1)
+        jac = torch.cat([phi, (d_phi * c).sum(1, keepdim=True)], dim=1)
+        if self.magnitude:
+            sign = torch.where(signal < 0, -1.0, 1.0).to(signal.dtype)
+            return signal.abs(), jac * sign.unsqueeze(1)
+        return signal, jac
+
     def jacobian(self, coefficients: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         """Derivatives of the model signal by ``(c_1, ..., c_p, tau)``, shape ``(n, p+1, ...)``."""
-        phi = self.basis_fn(tau)
-        d_tau = (self.basis_derivative_fn(tau) * coefficients.unsqueeze(0)).sum(1, keepdim=True)
-        jac = torch.cat([phi, d_tau], dim=1)
-        if self.magnitude:
-            sign = torch.sign((phi * coefficients.unsqueeze(0)).sum(1, keepdim=True))
-            jac = jac * torch.where(sign == 0, torch.ones_like(sign), sign)
-        return jac
+        return self.evaluate(coefficients, tau)[1]
 
 
 def _decay(t: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,15 +216,11 @@ def ir_seed_model(ti: torch.Tensor, magnitude: bool = True) -> SeparableModel:
     r"""The seed's IR model, :math:`|M_0 (1 - 2 e^{-TI/T_1})|`: full recovery, ideal inversion."""
 
     def basis(tau):
-        e, _ = _decay(ti, tau)
-        return (1 - 2 * e).unsqueeze(1)
-
-    def derivative(tau):
-        _, de = _decay(ti, tau)
-        return (-2 * de).unsqueeze(1)
+        e, de = _decay(ti, tau)
+        return (1 - 2 * e).unsqueeze(1), (-2 * de).unsqueeze(1)
 
     return SeparableModel(
-        "IR |M0 (1 - 2 exp(-TI/T1))|", ("m0",), "t1", torch.as_tensor(ti), basis, derivative,
+        "IR |M0 (1 - 2 exp(-TI/T1))|", ("m0",), "t1", torch.as_tensor(ti), basis,
         magnitude, (1e-3, 10.0), lambda c: {"m0": c[0]},
     )  # fmt: skip
 
@@ -226,15 +233,11 @@ def ir_three_parameter_model(ti: torch.Tensor, magnitude: bool = True) -> Separa
     """
 
     def basis(tau):
-        e, _ = _decay(ti, tau)
-        return torch.stack([torch.ones_like(e), e], 1)
-
-    def derivative(tau):
-        _, de = _decay(ti, tau)
-        return torch.stack([torch.zeros_like(de), de], 1)
+        e, de = _decay(ti, tau)
+        return torch.stack([torch.ones_like(e), e], 1), torch.stack([torch.zeros_like(de), de], 1)
 
     return SeparableModel(
-        "IR |a + b exp(-TI/T1)|", ("a", "b"), "t1", torch.as_tensor(ti), basis, derivative,
+        "IR |a + b exp(-TI/T1)|", ("a", "b"), "t1", torch.as_tensor(ti), basis,
         magnitude, (1e-3, 10.0), lambda c: {"a": c[0], "b": c[1]}, polarity=magnitude,
     )  # fmt: skip
 
@@ -253,21 +256,19 @@ def ir_tr_model(
     tr = torch.broadcast_to(torch.as_tensor(tr, dtype=ti.dtype), ti.shape)
 
     def basis(tau):
-        e_ti, _ = _decay(ti, tau)
-        e_tr, _ = _decay(tr, tau)
-        return torch.stack([1 - e_tr, e_tr - e_ti], 1)
-
-    def derivative(tau):
-        _, de_ti = _decay(ti, tau)
-        _, de_tr = _decay(tr, tau)
-        return torch.stack([-de_tr, de_tr - de_ti], 1)
+        e_ti, de_ti = _decay(ti, tau)
+        e_tr, de_tr = _decay(tr, tau)
+        return (
+            torch.stack([1 - e_tr, e_tr - e_ti], 1),
+            torch.stack([-de_tr, de_tr - de_ti], 1),
+        )
 
     def derive(c):
         return {"m0": c[0], "k": c[1] / torch.where(c[0] == 0, torch.ones_like(c[0]), c[0])}
 
     return SeparableModel(
         "IR M0 (1 - k exp(-TI/T1) + (k-1) exp(-TR/T1))", ("m0", "m0k"), "t1", ti, basis,
-        derivative, magnitude, (1e-3, 10.0), derive, polarity=magnitude,
+        magnitude, (1e-3, 10.0), derive, polarity=magnitude,
     )  # fmt: skip
 
 
@@ -275,12 +276,10 @@ def mono_exp_model(te: torch.Tensor, name: str = "t2star") -> SeparableModel:
     r"""Mono-exponential decay :math:`M_0 e^{-TE/\tau}` (T2* or, for spin echoes, T2)."""
 
     def basis(tau):
-        return _decay(te, tau)[0].unsqueeze(1)
-
-    def derivative(tau):
-        return _decay(te, tau)[1].unsqueeze(1)
+        e, de = _decay(te, tau)
+        return e.unsqueeze(1), de.unsqueeze(1)
 
     return SeparableModel(
-        f"M0 exp(-TE/{name})", ("m0",), name, torch.as_tensor(te), basis, derivative,
+        f"M0 exp(-TE/{name})", ("m0",), name, torch.as_tensor(te), basis,
         False, (1e-4, 10.0), lambda c: {"m0": c[0]},
     )  # fmt: skip

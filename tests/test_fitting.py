@@ -155,3 +155,22 @@ def test_signal_mask_finds_the_phantom(ir_phantom):
     mask = fitting.signal_mask(images).numpy()
     inside = truth.labels > 0
     assert (mask == inside).mean() > 0.99
+
+
+def test_fits_flush_subnormals_inside_and_restore_the_default(ir_phantom):
+    """Background voxels make exp(-TI/T1) subnormal; the fit flushes them, then stops doing so."""
+    subnormal = 1e-40  # below float32's smallest normal number, 1.2e-38
+    supported = torch.set_flush_denormal(False)  # True where the CPU can flush (x86)
+    assert torch.tensor(subnormal, dtype=torch.float32).item() != 0
+    seen = []
+    images, header = dicom.load_series(ir_phantom[0])
+    model = models.inversion_recovery(header.ti)
+    start = fitting.dictionary_match(images, model, "t1", T1_GRID)
+
+    def callback(step, params):
+        seen.append(torch.tensor(subnormal, dtype=torch.float32).item())
+
+    fitting.fit_adam(model, images, start, n_iter=2, progress=False, callback=callback)
+    if supported:
+        assert seen == [0.0, 0.0]
+    assert torch.tensor(subnormal, dtype=torch.float32).item() != 0
