@@ -23,6 +23,7 @@ __all__ = [
     "ir_seed_model",
     "ir_three_parameter_model",
     "ir_tr_model",
+    "ir_hazen_model",
     "mono_exp_model",
 ]
 
@@ -282,4 +283,31 @@ def mono_exp_model(te: torch.Tensor, name: str = "t2star") -> SeparableModel:
     return SeparableModel(
         f"M0 exp(-TE/{name})", ("m0",), name, torch.as_tensor(te), basis,
         False, (1e-4, 10.0), lambda c: {"m0": c[0]},
+    )  # fmt: skip
+
+
+def ir_hazen_model(
+    ti: torch.Tensor, tr: torch.Tensor | float, magnitude: bool = True
+) -> SeparableModel:
+    r"""The IR model of hazen, :math:`S_0 (1 - a_1 e^{-TI/T_1} + e^{-TR/T_1})`, for comparisons.
+
+    Like :func:`ir_tr_model`, but the TR term's coefficient is fixed at 1 (a perfect inversion)
+    while :math:`a_1` is free, so it is not self-consistent for an imperfect inversion. It is
+    the model behind hazen's published phantom values; use it to compare like with like. For a
+    constant TR it gives the same T1 as :func:`ir_tr_model`.
+    """
+    ti = torch.as_tensor(ti)
+    tr = torch.broadcast_to(torch.as_tensor(tr, dtype=ti.dtype), ti.shape)
+
+    def basis(tau):
+        e_ti, de_ti = _decay(ti, tau)
+        e_tr, de_tr = _decay(tr, tau)
+        return torch.stack([1 + e_tr, -e_ti], 1), torch.stack([de_tr, -de_ti], 1)
+
+    def derive(c):
+        return {"s0": c[0], "a1": c[1] / torch.where(c[0] == 0, torch.ones_like(c[0]), c[0])}
+
+    return SeparableModel(
+        "IR S0 (1 - a1 exp(-TI/T1) + exp(-TR/T1)) (hazen)", ("s0", "s0a1"), "t1", ti, basis,
+        magnitude, (1e-3, 10.0), derive, polarity=magnitude,
     )  # fmt: skip

@@ -26,6 +26,7 @@ __all__ = [
     "VIAL_T2STAR",
     "DEFAULT_TI",
     "DEFAULT_TE",
+    "PLATE5_TI",
     "Phantom",
     "make_phantom",
     "simulate_inversion_recovery",
@@ -33,6 +34,7 @@ __all__ = [
     "write_series",
     "write_ir_phantom",
     "write_multi_echo_phantom",
+    "write_plate5_phantom",
 ]
 
 #: Nominal T1 (s) of spheres 1-14 of the NIST/Caliber T1 plate at 3 T (hazen's table).
@@ -55,6 +57,8 @@ FILL_T1, FILL_T2STAR = 2.7, 0.2
 
 #: Inversion times (s) of the synthetic IR series: 10 TIs, like the challenge data.
 DEFAULT_TI = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.8, 1.2, 2.0, 3.0)
+#: Inversion times (s) of the hazen phantom-QA protocol (IR spin echo, TR 1 s).
+PLATE5_TI = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8)
 #: Echo times (s) of the synthetic multi-echo series: 11 echoes, like the challenge data.
 DEFAULT_TE = tuple(round(0.0025 + 0.0045 * k, 4) for k in range(11))
 
@@ -94,6 +98,7 @@ def make_phantom(
     shape: tuple[int, int] = (128, 128),
     field_strength: float = 3.0,
     fov_mm: float = 200.0,
+    layout: str = "rings",
 ) -> Phantom:
     """Build the ground-truth maps of the phantom.
 
@@ -105,6 +110,10 @@ def make_phantom(
         1.5 or 3.0 (T): selects the NIST nominal T1 table.
     fov_mm
         Field of view in mm (square pixels).
+    layout
+        ``"rings"``: 10 vials on an outer and 4 on an inner ring, scaled to the matrix (the
+        tutorials' default). ``"plate5"``: the spheres at the positions of the system
+        phantom's T1 plate (hazen's template, in mm), 10 mm in radius, for phantom QA.
 
     Returns
     -------
@@ -120,16 +129,29 @@ def make_phantom(
     cy, cx = (ny - 1) / 2, (nx - 1) / 2
     labels = np.zeros(shape, dtype=np.int16)
     labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= (0.46 * size) ** 2] = 15
-    # 10 vials on an outer ring, 4 on an inner ring, clockwise from 12 o'clock (like the plate).
-    rings = [(10, 0.31 * size, 0.0), (4, 0.12 * size, np.pi / 4)]
-    radius = 0.055 * size
-    number = 1
-    for count, ring_radius, offset in rings:
-        for k in range(count):
-            angle = offset + 2 * np.pi * k / count
-            vy, vx = cy - ring_radius * np.cos(angle), cx + ring_radius * np.sin(angle)
-            labels[(yy - vy) ** 2 + (xx - vx) ** 2 <= radius**2] = number
-            number += 1
+    spacing = fov_mm / size
+    if layout == "rings":
+        # 10 vials on an outer ring, 4 on an inner one, clockwise from 12 o'clock.
+        rings = [(10, 0.31 * size, 0.0), (4, 0.12 * size, np.pi / 4)]
+        centres = [
+            (
+                cy - r * np.cos(offset + 2 * np.pi * k / n),
+                cx + r * np.sin(offset + 2 * np.pi * k / n),
+            )
+            for n, r, offset in rings
+            for k in range(n)
+        ]
+        radius = 0.055 * size
+    elif layout == "plate5":
+        from .phantom_qa import template_spheres
+
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 > (85 / spacing) ** 2] = 0
+        centres = template_spheres(shape, spacing)[:14]
+        radius = 10 / spacing
+    else:
+        raise ValueError(f"layout must be 'rings' or 'plate5', got {layout!r}")
+    for number, (vy, vx) in enumerate(centres, start=1):
+        labels[(yy - vy) ** 2 + (xx - vx) ** 2 <= radius**2] = number
     t1 = np.zeros(shape)
     t2star = np.zeros(shape)
     t1[labels == 15], t2star[labels == 15] = FILL_T1, FILL_T2STAR
@@ -144,7 +166,7 @@ def make_phantom(
         t1=t1[None].astype(np.float32),
         t2star=t2star[None].astype(np.float32),
         labels=labels[None],
-        pixel_spacing=fov_mm / size,
+        pixel_spacing=spacing,
     )
 
 
@@ -362,19 +384,22 @@ def write_ir_phantom(
     shape: tuple[int, int] = (128, 128),
     field_strength: float = 3.0,
     seed: int = 0,
+    fov_mm: float = 200.0,
+    layout: str = "rings",
 ) -> Phantom:
     """Write the phantom as an inversion-recovery magnitude series, one DICOM file per TI.
 
     With the default TR of 15 s the recovery between inversions is complete to within 0.2%
     for every vial, so the ideal model :math:`|M_0 (1 - 2 e^{-TI/T_1})|` applies. Pass a short
-    ``tr`` (e.g. 1 s) to see why real scans need a model with TR.
+    ``tr`` (e.g. 1 s) to see why real scans need a model with TR. ``fov_mm`` and ``layout``
+    are passed to :func:`make_phantom`.
 
     Returns
     -------
     Phantom
         The ground truth, maps of shape ``(1, y, x)``.
     """
-    phantom = make_phantom(shape, field_strength)
+    phantom = make_phantom(shape, field_strength, fov_mm, layout)
     images = simulate_inversion_recovery(phantom, ti, tr, snr=snr, seed=seed)
     write_series(
         folder, images, ti=ti, te=te, tr=tr, pixel_spacing=phantom.pixel_spacing,
@@ -406,3 +431,23 @@ def write_multi_echo_phantom(
         field_strength=field_strength, series_description="T2star synthetic phantom", seed=seed,
     )  # fmt: skip
     return phantom
+
+
+def write_plate5_phantom(
+    folder: str | Path, field_strength: float = 1.5, snr: float = 800.0, seed: int = 0
+) -> Phantom:
+    """Write the T1 plate as a phantom-QA scan would see it: hazen's IR protocol.
+
+    192x192 pixels over 250 mm, the spheres at the plate's positions with their nominal T1,
+    TI = 50-800 ms (:data:`PLATE5_TI`) and TR = 1 s, as magnitude images. The default SNR
+    gives Cramér-Rao SDs of T1 like those of hazen's Philips scan (about 4% for sphere 1).
+
+    Returns
+    -------
+    Phantom
+        The ground truth, maps of shape ``(1, 192, 192)``.
+    """
+    return write_ir_phantom(
+        folder, ti=PLATE5_TI, tr=1.0, te=0.01, snr=snr, shape=(192, 192),
+        field_strength=field_strength, seed=seed, fov_mm=250.0, layout="plate5",
+    )  # fmt: skip

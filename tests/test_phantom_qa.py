@@ -1,0 +1,154 @@
+"""Phantom QA: spheres found, T1 against the truth, hazen's fits and the nominal values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+
+from qmri_helpers import models, phantom, phantom_qa
+
+matplotlib.use("Agg")
+ROOT = Path(__file__).resolve().parents[1]
+SITES = {"site1_20200218": "site1", "site2_20180925": "site2", "site4_philips": "site4"}
+
+
+@pytest.fixture(scope="module")
+def plate5(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("plate5")
+    truth = phantom.write_plate5_phantom(folder)
+    return folder, truth, phantom_qa.run_t1_qa(folder, tolerance=0.05)
+
+
+def test_embedded_plate5_spheres_are_found_where_they_are(plate5):
+    _, truth, qa = plate5
+    expected = phantom_qa.template_spheres((192, 192), truth.pixel_spacing)[:14]
+    assert qa.spheres.detected[:14].sum() >= 12
+    assert np.abs(qa.spheres.centres[:14] - expected).max() < 1.5  # pixels
+    for sphere, (row, col) in enumerate(qa.spheres.centres[:14], start=1):
+        assert truth.labels[0, round(row), round(col)] == sphere
+
+
+def test_embedded_plate5_t1_matches_the_truth_and_flags_short_spheres(plate5):
+    _, truth, qa = plate5
+    table = qa.table
+    true_ms = np.array([truth.t1[truth.labels == s][0] for s in range(1, 15)]) * 1000
+    measured = table["T1 median (ms)"].to_numpy()
+    assert np.abs(measured[:11] / true_ms[:11] - 1).max() < 0.03
+    assert list(table.status[:11]) == ["pass"] * 11
+    # nominal T1 below the shortest TI (50 ms): never reported as a pass
+    assert list(table.status[11:]) == ["unreliable"] * 3
+    assert table.note[11].startswith("T1 below the shortest TI")
+    assert table.columns[4] == "nominal 1.5 T (ms)"
+
+
+def test_table_fails_a_sphere_outside_the_tolerance_and_exports_csv(plate5, tmp_path):
+    _, _, qa = plate5
+    strict = phantom_qa.sphere_table(
+        qa.t1 * 1.04, qa.fit.sd["t1"][0], qa.spheres, qa.header, tolerance=0.02
+    )
+    assert set(strict.status[:11]) == {"fail"}
+    strict.to_csv(tmp_path / "qa.csv", index=False)
+    back = pd.read_csv(tmp_path / "qa.csv")
+    assert back["vs nominal (%)"].iloc[5] == pytest.approx(strict["vs nominal (%)"].iloc[5])
+
+
+@pytest.mark.parametrize("site", sorted(SITES))
+def test_hazen_sites_against_hazens_fits(hazen, site, tmp_path):
+    """Spheres 2-11 within 3% of hazen's values, fitted with hazen's model (like with like).
+
+    One exception, for a physical reason: on site 1 hazen's template puts sphere 4's ROI 6 px
+    (8 mm) from the sphere's centre, at its edge (radius 8 px), so hazen's value is biased.
+    """
+    reference = phantom_qa.HAZEN_FITTED_T1_MS[SITES[site]]
+    qa = phantom_qa.run_t1_qa(
+        hazen / "T1" / site / "plate5",
+        reference_ms=reference,
+        reference_name="hazen",
+        model_for=lambda h: models.ir_hazen_model(h.ti, h.tr, magnitude=not h.signed),
+    )
+    assert qa.spheres.detected[:14].all()
+    difference = qa.table["vs hazen (%)"].to_numpy()[1:11] / 100
+    exceptions = {"site1_20200218": [4]}.get(site, [])
+    for sphere, value in zip(range(2, 12), difference, strict=True):
+        if sphere not in exceptions:
+            assert abs(value) < 0.03, (sphere, value)
+    if exceptions:
+        offset = np.linalg.norm(qa.spheres.centres[3] - phantom_qa.TEMPLATE_CENTRES[3])
+        assert offset > 0.6 * qa.spheres.radius_px
+    # the default, self-consistent model: issue 4's targets against hazen's values
+    default = phantom_qa.run_t1_qa(hazen / "T1" / site / "plate5", reference_ms=reference,
+                                   reference_name="hazen")  # fmt: skip
+    difference = default.table["vs hazen (%)"].to_numpy()[1:11] / 100
+    assert np.median(np.abs(difference)) < 0.02
+    assert np.abs(difference).max() < 0.08
+    phantom_qa.plot_rois(default.images[-1], default.spheres, title=site).savefig(
+        tmp_path / f"{site}.png"
+    )
+
+
+@pytest.mark.parametrize("site", ["site1_20200218", "site2_20180925"])
+def test_siemens_spheres_sit_near_the_readme_centres(hazen, site):
+    qa = phantom_qa.run_t1_qa(hazen / "T1" / site / "plate5")
+    offsets = np.linalg.norm(qa.spheres.centres - np.asarray(phantom_qa.TEMPLATE_CENTRES), axis=1)
+    assert offsets[:14].max() < 8
+
+
+def test_ge_site3_256_matrix_against_nominal(hazen, tmp_path):
+    """GE, 256x256 at 0.977 mm: found automatically; spheres 3-11 within 8% of nominal.
+
+    Sphere 2 (nominal 1489 ms) reads 12% low: the data fit the 3-parameter model to 0.1%, so
+    this is the scan (the longest T1 barely recover at TR = 1 s), not the sphere finder.
+    """
+    qa = phantom_qa.run_t1_qa(hazen / "T1/site3_ge/plate5")
+    assert qa.images.shape[1:] == (256, 256)
+    assert qa.spheres.detected[:14].all()
+    assert 8 <= qa.spheres.radius_px * 0.977 <= 13  # mm
+    difference = qa.table["vs nominal (%)"].to_numpy() / 100
+    assert np.abs(difference[2:11]).max() < 0.08
+    assert -0.15 < difference[1] < 0
+    path = tmp_path / "site3_rois.png"
+    phantom_qa.plot_rois(qa.images[-1], qa.spheres, title="site 3").savefig(path)
+    assert path.stat().st_size > 10_000
+
+
+def test_too_few_inversion_times_is_a_clear_error(tmp_path):
+    phantom.write_ir_phantom(tmp_path, ti=(0.1, 0.4, 1.0), tr=1.0, shape=(64, 64))
+    with pytest.raises(ValueError, match=r"3 inversion times cannot determine a 3-parameter"):
+        phantom_qa.run_t1_qa(tmp_path)
+    with pytest.raises(ValueError, match=str(tmp_path)):
+        phantom_qa.run_t1_qa(tmp_path)
+
+
+def test_a_series_without_inversion_time_is_refused(tmp_path):
+    phantom.write_multi_echo_phantom(tmp_path, shape=(64, 64))
+    with pytest.raises(ValueError, match=r"no InversionTime.*inversion-recovery"):
+        phantom_qa.run_t1_qa(tmp_path)
+
+
+def test_images_that_are_not_the_phantom_are_refused(tmp_path):
+    yy, xx = np.mgrid[0:128, 0:128]
+    disc = ((yy - 64) ** 2 + (xx - 64) ** 2 < 50**2) * 1000.0
+    ti = np.array(phantom.PLATE5_TI)
+    images = disc[None, None] * np.abs(1 - 2 * np.exp(-ti / 0.8))[:, None, None, None] + 20
+    phantom.write_series(tmp_path, images, ti=ti, tr=1.0, field_strength=1.5)
+    with pytest.raises(ValueError, match=rf"{tmp_path}.*(circles found|do not)"):
+        phantom_qa.run_t1_qa(tmp_path)
+
+
+def test_notebook_04_on_every_hazen_site(hazen):
+    """The QA notebook on each vendor's scan, as a physicist would run it."""
+    from test_notebooks import _run
+
+    for site, key in [*SITES.items(), ("site3_ge", None)]:
+        setup = (
+            f"import os\nos.environ['QMRI_PHANTOM_DIR'] = {str(hazen / 'T1' / site / 'plate5')!r}"
+        )
+        if key:
+            setup += f"\nos.environ['QMRI_PHANTOM_REFERENCE'] = {key!r}"
+        text = _run("04_phantom_qa.py", setup)
+        assert f"Data used: your scan: {hazen / 'T1' / site / 'plate5'}" in text
+        assert "spheres detected as circles: 14 of 14" in text
