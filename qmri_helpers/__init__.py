@@ -11,11 +11,23 @@ Each module holds one concern; the notebooks call them in the order of a fit::
     result = qh.fitting.fit_adam(model, images, start)
 """
 
-from . import data, dicom, fitting, metrics, models, nifti, phantom, phantom_qa, plotting
+from . import (
+    data,
+    dicom,
+    export,
+    fitting,
+    metrics,
+    models,
+    nifti,
+    phantom,
+    phantom_qa,
+    plotting,
+)
 
 __all__ = [
     "data",
     "dicom",
+    "export",
     "fitting",
     "metrics",
     "models",

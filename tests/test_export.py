@@ -1,0 +1,107 @@
+"""Export round trips: NIfTI and DICOM maps read back with the same values and geometry."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from qmri_helpers import dicom, export, fitting, models, phantom
+
+
+def _ras(ds: pydicom.Dataset, row: int, column: int) -> np.ndarray:
+    """The RAS position (mm) of a pixel, straight from the DICOM definition."""
+    orientation = np.asarray(ds.ImageOrientationPatient, float)
+    row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
+    lps = (
+        np.asarray(ds.ImagePositionPatient, float)
+        + column * column_spacing * orientation[:3]
+        + row * row_spacing * orientation[3:]
+    )
+    return lps * [-1, -1, 1]
+
+
+@pytest.fixture(scope="module")
+def multislice(tmp_path_factory):
+    """A 3-slice IR series with an oblique orientation, and its fitted T1 map."""
+    folder = tmp_path_factory.mktemp("multislice")
+    truth = phantom.make_phantom((48, 40))
+    ti = np.array([0.1, 0.3, 0.8, 2.0, 4.0])
+    images = np.concatenate(
+        [phantom.simulate_inversion_recovery(truth, ti, 15.0, seed=z) for z in range(3)], 1
+    )
+    paths = phantom.write_series(folder, images, ti=ti, tr=15.0, pixel_spacing=1.25)
+    angle = np.deg2rad(20)
+    row_cosine = [np.cos(angle), np.sin(angle), 0.0]
+    column_cosine = [0.0, 0.0, -1.0]
+    normal = np.cross(row_cosine, column_cosine)
+    for index, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        z = index % 3
+        ds.ImageOrientationPatient = row_cosine + column_cosine
+        ds.ImagePositionPatient = list(np.array([-20.0, 10.0, 30.0]) + 5.0 * z * normal)
+        ds.SliceLocation = 5.0 * z
+        ds.save_as(path)
+    series, header = dicom.load_series(folder)
+    t1 = fitting.fit_lm(models.ir_seed_model(header.ti), series).params["t1"]
+    return header, t1
+
+
+def test_affine_agrees_with_the_dicom_geometry(multislice):
+    header, _ = multislice
+    affine = export.dicom_affine(header)
+    for k, path in enumerate(header.files[0]):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for row, column in [(0, 0), (47, 0), (0, 39), (20, 13)]:
+            voxel = affine @ [column, row, k, 1]
+            np.testing.assert_allclose(voxel[:3], _ras(ds, row, column), atol=1e-4)
+
+
+def test_nifti_round_trip(multislice, tmp_path):
+    header, t1 = multislice
+    path = export.to_nifti(t1, header, tmp_path / "t1.nii.gz", description="T1 (s)")
+    image = nib.load(path)
+    back = np.asarray(image.dataobj).transpose(2, 1, 0)
+    np.testing.assert_array_equal(back, t1.numpy())
+    np.testing.assert_allclose(image.affine, export.dicom_affine(header), atol=1e-5)
+    assert image.header["descrip"].item().decode() == "T1 (s)"
+    assert image.header.get_xyzt_units() == ("mm", "sec")
+
+
+def test_dicom_round_trip(multislice, tmp_path):
+    header, t1 = multislice
+    paths = export.to_dicom(t1, header, tmp_path / "t1_dicom")
+    assert len(paths) == 3
+    for k, (path, source) in enumerate(zip(paths, header.files[0], strict=True)):
+        ds = pydicom.dcmread(path)
+        values = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        np.testing.assert_allclose(values, t1[k].numpy() * 1000, atol=float(ds.RescaleSlope))
+        src = pydicom.dcmread(source, stop_before_pixels=True)
+        assert ds.ImagePositionPatient == src.ImagePositionPatient
+        assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
+        assert ds.SeriesInstanceUID != src.SeriesInstanceUID
+        assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "T1 MAP"]
+        assert ds.RescaleType == "ms" and "InversionTime" not in ds
+
+
+def test_hazen_coronal_geometry_round_trips(hazen, tmp_path):
+    images, header = dicom.load_series(hazen / "T1/site4_philips/plate5")
+    t1 = fitting.fit_lm(models.ir_three_parameter_model(header.ti), images).params["t1"]
+    image = nib.load(export.to_nifti(t1, header, tmp_path / "site4_t1.nii"))
+    ds = pydicom.dcmread(header.files[0][0], stop_before_pixels=True)
+    np.testing.assert_allclose((image.affine @ [10, 20, 0, 1])[:3], _ras(ds, 20, 10), atol=1e-4)
+    assert nib.aff2axcodes(image.affine)[2] in "AP"  # a coronal slice: the normal is A-P
+    back = pydicom.dcmread(export.to_dicom(t1, header, tmp_path / "dcm")[0])
+    assert back.Rows == 192 and "PatientName" in back
+
+
+def test_bad_maps_are_refused(multislice, tmp_path):
+    header, t1 = multislice
+    with pytest.raises(ValueError, match="NaN"):
+        export.to_nifti(torch.full_like(t1, float("nan")), header, tmp_path / "x.nii")
+    with pytest.raises(ValueError, match="2 slice"):
+        export.to_nifti(t1[:2], header, tmp_path / "x.nii")
+    with pytest.raises(ValueError, match="negative"):
+        export.to_dicom(-t1, header, tmp_path / "neg")
