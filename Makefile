@@ -1,7 +1,9 @@
 # Everything a user or CI needs, in a local virtual environment (.venv).
 #   make tutorial   install, then execute notebook 01 into reports/ (.ipynb and .html)
-#   make test       install, then lint and run every test, notebooks included
-# Other targets: setup, run (all notebooks), lint, sync (re-pair .py/.ipynb), clean.
+#   make test       install (Chromium too, where apt-get can), lint, build the HTML reports,
+#                   then run every test: the package, the notebooks, the browser
+# Other targets: setup, run or reports (every notebook, executed, into reports/*.ipynb and
+# *.html), lint, sync (re-pair .py/.ipynb), clean.
 PYTHON ?= python3
 VENV ?= .venv
 # Pinned: an unpinned torch pulls several GB of CUDA wheels on Linux.
@@ -10,7 +12,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
 
-.PHONY: setup tutorial run test lint sync clean
+.PHONY: setup tutorial run reports browser test lint sync clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,22 +23,32 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-reports/%.ipynb: notebooks/%.ipynb setup
+reports/%.ipynb: notebooks/%.ipynb $(VENV)/.installed
 	mkdir -p reports
 	$(BIN)/jupyter nbconvert --to notebook --execute $< --output-dir reports \
-		--ExecutePreprocessor.timeout=900
-	$(BIN)/jupyter nbconvert --to html $@
+		--ExecutePreprocessor.timeout=900 --ExecutePreprocessor.store_widget_state=False
+	$(BIN)/jupyter nbconvert --to html $@ --TagRemovePreprocessor.remove_cell_tags=remove-cell
 
 tutorial: reports/01_t1_inversion_recovery.ipynb
 	@echo "Executed notebook and HTML report: reports/01_t1_inversion_recovery.{ipynb,html}"
 
 run: $(NOTEBOOKS:notebooks/%.py=reports/%.ipynb)
 
+reports: run
+	@echo "HTML reports of every notebook: reports/*.html"
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser).
+browser:
+	@if [ -x /usr/bin/chromium ]; then echo "Chromium: /usr/bin/chromium"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else echo "No /usr/bin/chromium: the browser tests will skip (sudo apt-get install chromium)"; fi
+
+test: lint browser reports
 	$(BIN)/pytest --nbmake
 
 sync: setup

@@ -80,7 +80,7 @@ print(f"TE (s): {header.te[0]:.4f}, TR (s): {header.tr.unique().tolist()}")
 print(f"first files: {[f[0].name for f in header.files[:3]]}")
 
 # %%
-qh.plotting.show_series(
+fig = qh.plotting.show_series(
     images, header.ti, label="TI", title=f"Inversion-recovery images ({data.source})"
 )
 # %% [markdown]
@@ -118,7 +118,7 @@ start = qh.fitting.dictionary_match(images, model, "t1", t1_grid)
 mask = qh.fitting.signal_mask(images)
 print(f"start loss: {loss(model(**start), images):.4g}")
 
-qh.plotting.show_maps(
+fig = qh.plotting.show_maps(
     [
         MapSpec(start["m0"], "Start M0", "M0 (a.u.)"),
         MapSpec(start["t1"], "Start T1 (dictionary)", "T1 (ms)", 0, 2500, scale=1000),
@@ -140,13 +140,13 @@ print(
     f"final loss {result.loss_history[-1]:.4g}; voxels that failed and are masked: "
     f"{result.n_failed}"
 )
-qh.plotting.show_loss(result.loss_history)
+fig = qh.plotting.show_loss(result.loss_history)
 # %% [markdown]
 # ## 6. The maps
 
 # %%
 m0_map, t1_map = result.params["m0"], result.params["t1"]
-qh.plotting.show_maps(
+fig = qh.plotting.show_maps(
     [
         MapSpec(m0_map, "M0", "M0 (a.u.)"),
         MapSpec(t1_map, "T1", "T1 (ms)", 0, 2500, scale=1000),
@@ -170,7 +170,7 @@ else:
     residual = result.residual_norm / images.norm(dim=0).clamp_min(1e-12)
     panel = MapSpec(residual, "Relative residual", "‖residual‖ / ‖data‖ (%)", 0, 10, "magma", 100)
     shown = mask
-qh.plotting.show_maps([panel], mask=shown, title=f"Error map ({data.source})")
+fig = qh.plotting.show_maps([panel], mask=shown, title=f"Error map ({data.source})")
 # %% [markdown]
 # On the phantom we can check the map vial by vial: the table gives the true T1, the median
 # fitted T1 and the median relative error of the voxels in each vial. Vials with T1 below
@@ -192,6 +192,18 @@ if data.truth is not None:
     assert median_error < 0.02, "the T1 map is off: check the fit settings"
 else:
     print("Challenge data: no ground truth; see the residual map above.")
+
+# %% [markdown]
+# ## Optional: explore voxel by voxel
+# In JupyterLab these are live widgets: slide to a voxel to see its measured curve, the fit, the
+# dictionary start, and T1 with its Cramér-Rao SD; or step through the TI images. Rendered
+# without a widget frontend (an HTML report, GitHub) each shows a static figure instead.
+
+# %%
+qh.widgets.voxel_inspector(images, header.ti, result, qh.models.inversion_recovery, start)
+
+# %%
+qh.widgets.image_slider(images, header.ti, label="TI")
 
 # %% [markdown]
 # ## Summary

@@ -61,7 +61,7 @@ images, header = qh.dicom.load_series(data.folder)
 print(f"images: {tuple(images.shape)} (TE, z, y, x); TE (ms): {(header.te * 1000).tolist()}")
 
 # %%
-qh.plotting.show_series(
+fig = qh.plotting.show_series(
     images, header.te, label="TE", ncols=6, title=f"Multi-echo images ({data.source})"
 )
 
@@ -112,7 +112,7 @@ mask = qh.fitting.signal_mask(images)
 for name, start in [("seed", seed_start), ("dictionary", dict_start)]:
     print(f"{name:>10} start: loss {qh.models.mse(model(**start), images):.4g}")
 
-qh.plotting.show_maps(
+fig = qh.plotting.show_maps(
     [
         MapSpec(seed_start["t2star"], "Seed start: T2* = 20 ms", "T2* (ms)", 0, 150, scale=1000),
         MapSpec(dict_start["t2star"], "Dictionary start", "T2* (ms)", 0, 150, scale=1000),
@@ -139,7 +139,7 @@ print(
 # %%
 t2star_map = result.params["t2star"]
 r2star_map = torch.where(result.valid, 1 / t2star_map.clamp_min(1e-6), 0.0)
-qh.plotting.show_maps(
+fig = qh.plotting.show_maps(
     [
         MapSpec(result.params["m0"], "M0", "M0 (a.u.)"),
         MapSpec(t2star_map, "T2*", "T2* (ms)", 0, 150, scale=1000),
@@ -157,7 +157,7 @@ else:
     residual = result.residual_norm / images.norm(dim=0).clamp_min(1e-12)
     panel = MapSpec(residual, "Relative residual", "‖residual‖ / ‖data‖ (%)", 0, 10, "magma", 100)
     shown = mask
-qh.plotting.show_maps([panel], mask=shown, title=f"Error map ({data.source})")
+fig = qh.plotting.show_maps([panel], mask=shown, title=f"Error map ({data.source})")
 # %%
 if data.truth is not None:
     print(" vial  true T2* (ms)  median fit (ms)  median |rel. error| (%)")
@@ -248,6 +248,20 @@ else:
 # ## 7. The same model on spin-echo T2 data
 # A multi-echo **spin echo** decays with T2, not T2*, but the model is the same. The tests of
 # this project fit the hazen phantom's GE (8 echoes) and Philips (32 echoes) series this way.
+
+# %% [markdown]
+# ## Optional: explore voxel by voxel
+# In JupyterLab: slide to a voxel of the phantom to see its echoes, the fit, the dictionary
+# start, and T2* with its Cramér-Rao SD; or step through the echoes. Without a widget frontend
+# each shows a static figure.
+
+# %%
+qh.widgets.voxel_inspector(
+    images, header.te, result, qh.models.mono_exponential, dict_start, name="t2star", label="TE"
+)
+
+# %%
+qh.widgets.image_slider(images, header.te, label="TE")
 
 # %% [markdown]
 # ## Summary

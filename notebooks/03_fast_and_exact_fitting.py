@@ -244,7 +244,7 @@ ax.legend(fontsize=8)
 sd = lm.sd["t1"]
 relative_sd = torch.where(lm.valid, sd / lm.params["t1"].clamp_min(1e-9), 0.0)
 shown = torch.as_tensor(truth.labels > 0) & lm.valid
-qh.plotting.show_maps(
+fig = qh.plotting.show_maps(
     [
         MapSpec(lm.params["t1"], "T1 (VarPro + LM)", "T1 (ms)", 0, 3000, scale=1000),
         MapSpec(sd, "Cramér-Rao SD of T1", "SD of T1 (ms)", 0, 30, "magma", 1000),

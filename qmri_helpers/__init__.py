@@ -22,6 +22,7 @@ from . import (
     phantom,
     phantom_qa,
     plotting,
+    widgets,
 )
 
 __all__ = [
@@ -35,5 +36,6 @@ __all__ = [
     "phantom",
     "phantom_qa",
     "plotting",
+    "widgets",
 ]
 __version__ = "0.1.0"
