@@ -26,8 +26,9 @@ setup: $(VENV)/.installed
 reports/%.ipynb: notebooks/%.ipynb $(VENV)/.installed
 	mkdir -p reports
 	$(BIN)/jupyter nbconvert --to notebook --execute $< --output-dir reports \
-		--ExecutePreprocessor.timeout=900 --ExecutePreprocessor.store_widget_state=False
-	$(BIN)/jupyter nbconvert --to html $@ --TagRemovePreprocessor.remove_cell_tags=remove-cell
+		--ExecutePreprocessor.timeout=900
+	$(BIN)/jupyter nbconvert --to html $@ --TagRemovePreprocessor.remove_cell_tags=remove-cell \
+		--ClearMetadataPreprocessor.enabled=True
 
 tutorial: reports/01_t1_inversion_recovery.ipynb
 	@echo "Executed notebook and HTML report: reports/01_t1_inversion_recovery.{ipynb,html}"
