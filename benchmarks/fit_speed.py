@@ -42,11 +42,11 @@ BEST = "VarPro + LM (seed model)"
 def make_data(shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Images (10, z, y, x), TIs (s) and the true T1 map (z, y, x) of a z-slice phantom."""
     truth = phantom.make_phantom(shape[1:])
-    slices = [
-        phantom.simulate_inversion_recovery(truth, phantom.DEFAULT_TI, 15.0, snr=100, seed=z)
-        for z in range(shape[0])
-    ]
-    images = torch.from_numpy(np.concatenate(slices, axis=1).astype(np.float32))
+    images = torch.empty((len(phantom.DEFAULT_TI), *shape), dtype=torch.float32)
+    for z in range(shape[0]):  # slice by slice, so the data's float32 copy is the only big one
+        images[:, z] = torch.from_numpy(
+            phantom.simulate_inversion_recovery(truth, phantom.DEFAULT_TI, 15.0, snr=100, seed=z)
+        )[:, 0]
     t1 = np.repeat(truth.t1, shape[0], axis=0)
     vials = np.repeat(truth.vial_mask((0.1, 2.5)), shape[0], axis=0)
     return images, torch.tensor(phantom.DEFAULT_TI), np.where(vials, t1, 0.0)
