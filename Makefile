@@ -44,7 +44,7 @@ lint: setup
 
 # Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser).
 browser:
-	@if [ -x /usr/bin/chromium ]; then echo "Chromium: /usr/bin/chromium"; \
+	@if [ -x "$${QMRI_CHROMIUM:-/usr/bin/chromium}" ]; then echo "Browser: $${QMRI_CHROMIUM:-/usr/bin/chromium}"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	else echo "No /usr/bin/chromium: the browser tests will skip (sudo apt-get install chromium)"; fi

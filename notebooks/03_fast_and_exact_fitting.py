@@ -126,7 +126,8 @@ for ax in (ax_loss, ax_err):
 
 # %% [markdown]
 # The grid start with closed-form M0 (iteration 0) is already better than Adam's dictionary
-# start, because M0 is exact for each grid value. Two or three LM steps then reach the
+# start, because M0 is exact for each grid value and a parabola through the scores of the
+# neighbouring grid values places T1 between them. Two or three LM steps then reach the
 # least-squares optimum; Adam approaches it over hundreds of steps and never quite arrives.
 # Both end at the same *noise-limited* error against the truth: speed, not accuracy, is what
 # Adam gives away on this phantom. `benchmarks/fit_speed.py` measures it on larger volumes.
@@ -186,6 +187,7 @@ ax.set(
     title=f"T1 per sphere with a short TR\n{source}",
 )
 ax.legend()
+plt.show()
 # %% [markdown]
 # The seed model underestimates long T1, by up to about 70% for the longest: it reads
 # incomplete recovery as fast recovery. Only where $T_1 \ll TR$ (the short-T1 spheres) is it
@@ -230,6 +232,7 @@ ax.set(
     xlabel="TI (ms)", ylabel="|signal| (a.u.)", title="Two polarities, two fits: keep the better"
 )
 ax.legend(fontsize=8)
+plt.show()
 # %% [markdown]
 # Only one sign pattern describes the data; the wrong one gives a visibly worse fit and a
 # wrong T1. Near the null the magnitude is also the noisiest, relative to the signal, which is

@@ -25,6 +25,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["inspector_figure", "voxel_inspector", "image_slider"]
 
+#: How a parameter is written in titles and labels.
+_DISPLAY = {"t1": "T1", "t2": "T2", "t2star": "T2*"}
+
 
 def _import_widgets():
     try:
@@ -73,6 +76,7 @@ def inspector_figure(
     matplotlib.figure.Figure
     """
     z, y, x = voxel
+    shown_name = _DISPLAY.get(name, name.upper())
     times = torch.as_tensor(times, dtype=torch.float64).cpu()
     fine = torch.linspace(0, float(times.max()) * 1.05, 200, dtype=torch.float64)
     model = model_factory(fine)
@@ -88,8 +92,8 @@ def inspector_figure(
     vmax = float(np.percentile(values[shown_mask], 99)) if shown_mask.any() else 1.0
     shown = ax_map.imshow(np.ma.masked_where(~shown_mask[z], values[z]), vmin=0, vmax=vmax)
     ax_map.plot([x], [y], "r+", markersize=14, markeredgewidth=2)
-    fig.colorbar(shown, ax=ax_map, label=f"{name.upper()} (ms)", shrink=0.85)
-    ax_map.set(title=f"{name.upper()} map, slice {z}", xlabel="column (pixel)",
+    fig.colorbar(shown, ax=ax_map, label=f"{shown_name} (ms)", shrink=0.85)
+    ax_map.set(title=f"{shown_name} map, slice {z}", xlabel="column (pixel)",
                ylabel="row (pixel)")  # fmt: skip
     ax_curve.plot(times.numpy() * 1000, measured.numpy(), "ko", label="measured")
     ax_curve.plot(fine.numpy() * 1000, curve(result.params), "-", label="fit")
@@ -99,7 +103,7 @@ def inspector_figure(
     sd = float(result.sd[name][z, y, x]) * 1000 if name in result.sd else float("nan")
     status = "" if bool(result.valid[z, y, x]) else " (fit failed: masked)"
     ax_curve.set(xlabel=f"{label} (ms)", ylabel="signal (a.u.)",
-                 title=f"voxel ({z}, {y}, {x}): {name.upper()} = {value:.1f} ± {sd:.1f} ms"
+                 title=f"voxel ({z}, {y}, {x}): {shown_name} = {value:.1f} ± {sd:.1f} ms"
                  f"{status}")  # fmt: skip
     ax_curve.legend()
     ax_curve.grid(True, alpha=0.3)
