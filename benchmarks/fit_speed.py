@@ -15,19 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from readme_section import replace_section
 
 from qmri_helpers import fitting, models, phantom
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"128x128": (1, 128, 128), "256x256": (1, 256, 256), "256x256x32": (32, 256, 256)}
 LARGE = {"256x256x128": (128, 256, 256)}
 SOLVERS = {
@@ -163,14 +161,7 @@ def main() -> None:
     text = f"{table(rows)}\n\n{speedups(rows)}\n\nMeasured on: {machine}.\n"
     print(text)
     if args.readme:
-        readme = ROOT / "README.md"
-        content = readme.read_text()
-        pattern = r"(<!-- benchmark:start -->\n).*?(<!-- benchmark:end -->)"
-        if not re.search(pattern, content, flags=re.DOTALL):
-            raise SystemExit("README.md has no <!-- benchmark:start/end --> markers")
-        readme.write_text(
-            re.sub(pattern, lambda m: m.group(1) + text + m.group(2), content, flags=re.DOTALL)
-        )
+        replace_section("benchmark", text)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import jupytext
 import torch
 from nbclient import NotebookClient
+from readme_section import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,14 +58,7 @@ def main() -> None:
     text = "\n".join(lines) + f"\n\nMeasured on: {machine}; offline, fresh cache.\n"
     print(text)
     if args.readme:
-        readme = ROOT / "README.md"
-        pattern = r"(<!-- runtime:start -->\n).*?(<!-- runtime:end -->)"
-        content = readme.read_text()
-        if not re.search(pattern, content, flags=re.DOTALL):
-            raise SystemExit("README.md has no <!-- runtime:start/end --> markers")
-        readme.write_text(
-            re.sub(pattern, lambda m: m.group(1) + text + m.group(2), content, flags=re.DOTALL)
-        )
+        replace_section("runtime", text)
 
 
 if __name__ == "__main__":
