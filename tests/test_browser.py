@@ -113,10 +113,18 @@ def test_notebook_01_widgets_in_jupyterlab(browser, jupyter_lab, shots):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(f"{url}/lab/tree/01_t1_inversion_recovery.ipynb?token={token}")
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-    page.wait_for_timeout(2000)
+    # JupyterLab may ask which kernel to start: accept its choice (the Python 3 kernel)
     select_kernel = page.locator(".jp-Dialog button:has-text('Select')")
-    if select_kernel.count():
-        select_kernel.first.click()
+    idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if select_kernel.count():
+            select_kernel.first.click()
+        elif idle.count():
+            page.wait_for_timeout(1000)  # a dialog can still follow the first idle state
+            if not select_kernel.count():
+                break
+        page.wait_for_timeout(250)
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
     page.click(".lm-MenuBar-itemLabel:text-is('Run')")
     page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
