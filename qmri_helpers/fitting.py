@@ -464,7 +464,7 @@ def _varpro_chunk(
     basis = model.dictionary(grid).to(y.dtype)  # (n, p, K)
     if model.magnitude and not polarity:
         basis = basis.abs()  # the seed model's sign follows from tau: fit c |phi|
-    q, r = torch.linalg.qr(einops.rearrange(basis, "n p k -> k n p"))  # (K, n, p), (K, p, p)
+    q = torch.linalg.qr(einops.rearrange(basis, "n p k -> k n p")).Q  # (K, n, p), orthonormal
     signs = _polarity_signs(y) if polarity else torch.ones((1, *y.shape), dtype=y.dtype)
     n_voxels = y.shape[1]
     best = torch.full((n_voxels,), -torch.inf, dtype=y.dtype)
