@@ -50,12 +50,20 @@ def dicom_affine(header: SeriesHeader) -> np.ndarray:
     return _LPS_TO_RAS @ affine
 
 
-def _numpy_map(values: torch.Tensor | np.ndarray) -> np.ndarray:
+def _numpy_map(values: torch.Tensor | np.ndarray, header: SeriesHeader) -> np.ndarray:
+    """The map as float32 ``(z, y, x)``, checked against the series it is to be stored with."""
     array = np.asarray(torch.as_tensor(values).detach().cpu(), dtype=np.float32)
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3:
         raise ValueError(f"a map must have shape (z, y, x) or (y, x), got {array.shape}")
+    first = pydicom.dcmread(header.files[0][0], stop_before_pixels=True)
+    expected = (len(header.files[0]), int(first.Rows), int(first.Columns))
+    if array.shape != expected:
+        raise ValueError(
+            f"the map has shape {array.shape} (slices, rows, columns) but the series "
+            f"{header.files[0][0].parent} has {expected}"
+        )
     if not np.isfinite(array).all():
         raise ValueError("the map holds NaN or inf: mask failed voxels (set them to 0) first")
     return array
@@ -85,10 +93,7 @@ def to_nifti(
     pathlib.Path
         The file written.
     """
-    array = _numpy_map(values)
-    expected = (len(header.files[0]),)
-    if array.shape[:1] != expected:
-        raise ValueError(f"the map has {array.shape[0]} slice(s) but the series has {expected[0]}")
+    array = _numpy_map(values, header)
     image = nib.Nifti1Image(np.transpose(array, (2, 1, 0)), dicom_affine(header))
     image.header.set_xyzt_units(xyz="mm", t="sec")
     image.header["descrip"] = description[:79].encode()
@@ -135,13 +140,9 @@ def to_dicom(
     list of pathlib.Path
         The files written, in slice order.
     """
-    array = _numpy_map(values).astype(np.float64) * scale
+    array = _numpy_map(values, header).astype(np.float64) * scale
     if (array < 0).any():
         raise ValueError(f"the {name} map has negative values: DICOM export stores uint16")
-    if array.shape[0] != len(header.files[0]):
-        raise ValueError(
-            f"the map has {array.shape[0]} slice(s) but the series has {len(header.files[0])}"
-        )
     peak = float(array.max()) or 1.0
     slope = peak / 65000.0
     folder = Path(folder)

@@ -101,7 +101,9 @@ def test_bad_maps_are_refused(multislice, tmp_path):
     header, t1 = multislice
     with pytest.raises(ValueError, match="NaN"):
         export.to_nifti(torch.full_like(t1, float("nan")), header, tmp_path / "x.nii")
-    with pytest.raises(ValueError, match="2 slice"):
+    with pytest.raises(ValueError, match=r"shape \(2, 48, 40\).*has \(3, 48, 40\)"):
         export.to_nifti(t1[:2], header, tmp_path / "x.nii")
+    with pytest.raises(ValueError, match=r"shape \(3, 40, 48\)"):  # rows and columns swapped
+        export.to_dicom(t1.transpose(1, 2), header, tmp_path / "swapped")
     with pytest.raises(ValueError, match="negative"):
         export.to_dicom(-t1, header, tmp_path / "neg")
