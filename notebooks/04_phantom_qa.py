@@ -13,6 +13,22 @@
 #     name: python3
 # ---
 
+# %% [markdown] tags=["remove-cell"]
+# [![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/qmri-tutorials/qmri-tutorials/blob/main/notebooks/04_phantom_qa.ipynb)
+# [![Launch Binder](https://mybinder.org/badge_logo.svg)](https://mybinder.org/v2/gh/qmri-tutorials/qmri-tutorials/main?urlpath=lab/tree/notebooks/04_phantom_qa.ipynb)
+
+# %% tags=["remove-cell"]
+# On Colab, or in any Python without qmri_helpers, this installs it from the repository
+# (about a minute; Colab's own torch is kept). Binder and `make setup` have it already, and
+# then this cell does nothing.
+import importlib.util
+import subprocess
+import sys
+
+QMRI_TUTORIALS = "qmri-tutorials @ git+https://github.com/qmri-tutorials/qmri-tutorials@main"
+if importlib.util.find_spec("qmri_helpers") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", QMRI_TUTORIALS], check=True)
+
 # %% [markdown]
 # # Phantom QA: T1 of the system phantom against its reference values
 #

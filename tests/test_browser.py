@@ -199,5 +199,7 @@ def test_html_reports_show_every_figure_and_no_error(browser, shots):
         text = page.locator("body").inner_text()
         assert "Traceback (most recent call last)" not in text, report.name
         assert "Data used:" in text, report.name
+        # The cells tagged remove-cell (badges, install) are for notebooks, not for reports.
+        assert "QMRI_TUTORIALS" not in text and not page.locator("a[href*=colab]").count()
         page.screenshot(path=str(shots / f"{report.stem}.png"), full_page=False)
         page.close()

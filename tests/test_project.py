@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 import tomllib
+import venv
 from pathlib import Path
 
 import jupytext
@@ -14,6 +18,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
 CONDA_TO_PIP = {"pytorch": "torch"}
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+REPOSITORY = PYPROJECT["project"]["urls"]["Repository"]
+SKELETON = ("## Overview", "## Prerequisites", "**Learning goals:**", "**Estimated time:**",
+            "## Summary", "## What's next")  # fmt: skip
 
 
 def _name(requirement: str) -> str:
@@ -70,3 +78,65 @@ def test_torch_is_pinned_where_ci_installs():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"TORCH_VERSION \?= \d+\.\d+\.\d+", makefile)
     assert '"torch==$(TORCH_VERSION)"' in makefile
+
+
+@pytest.mark.parametrize("script", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_has_the_cookbook_skeleton_in_order(script):
+    markdown = "\n".join(c.source for c in jupytext.read(script).cells if c.cell_type == "markdown")
+    found = [markdown.find(heading) for heading in SKELETON]
+    missing = [heading for heading, at in zip(SKELETON, found, strict=True) if at < 0]
+    assert not missing, f"{script.name} lacks {missing}"
+    assert found == sorted(found), f"{script.name}: the skeleton is out of order"
+
+
+@pytest.mark.parametrize("script", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_opens_with_badges_and_an_install_cell_that_reports_drop(script):
+    badges, install, title = jupytext.read(script).cells[:3]
+    slug = REPOSITORY.removeprefix("https://github.com/")
+    path = f"notebooks/{script.stem}.ipynb"
+    assert badges.cell_type == "markdown"
+    assert f"(https://colab.research.google.com/github/{slug}/blob/main/{path})" in badges.source
+    assert f"(https://mybinder.org/v2/gh/{slug}/main?urlpath=lab/tree/{path})" in badges.source
+    assert install.cell_type == "code"
+    assert f'"qmri-tutorials @ git+{REPOSITORY}@main"' in install.source
+    for cell in (badges, install):
+        assert cell.metadata.get("tags") == ["remove-cell"], f"{script.name}: untagged header cell"
+    assert title.source.startswith("# "), f"{script.name}: the title must follow the header"
+
+
+def test_install_cell_installs_the_package_only_where_it_is_missing(tmp_path):
+    # A local git repository holding the package stands in for GitHub.
+    source = tmp_path / "repository"
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "qmri_helpers", source / "qmri_helpers", ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for args in (["init", "-q", "-b", "main"], ["add", "."],
+                 ["-c", "user.name=test", "-c", "user.email=test@example.org",
+                  "commit", "-q", "-m", "snapshot"]):  # fmt: skip
+        subprocess.run(["git", "-C", str(source), *args], check=True, capture_output=True)
+    cell = jupytext.read(NOTEBOOKS[0]).cells[1].source
+    assert cell.count(f"git+{REPOSITORY}@main") == 1
+    # With a host, as in the real address: pip's PEP 508 check wants one in a git+file URL.
+    cell = cell.replace(f"git+{REPOSITORY}", f"git+file://localhost{source}")
+
+    venv.create(tmp_path / "venv", with_pip=True)
+    python = str(tmp_path / "venv" / "bin" / "python")
+    # The package is under test, not its dependencies (those would be downloaded, torch too).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PIP_NO_DEPS"] = "1"
+
+    def run(code: str) -> subprocess.CompletedProcess:
+        return subprocess.run([python, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+
+    where = "import importlib.util; print(importlib.util.find_spec('qmri_helpers'))"
+    assert run(where).stdout.strip() == "None"
+    installed = run(cell)
+    assert installed.returncode == 0, installed.stderr
+    spec = run(where).stdout
+    assert str(tmp_path / "venv") in spec, spec
+    # Run again with the repository gone: the package is there, so nothing is fetched.
+    shutil.rmtree(source)
+    again = run(cell)
+    assert again.returncode == 0, again.stderr
