@@ -23,12 +23,26 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-reports/%.ipynb: notebooks/%.ipynb $(VENV)/.installed
-	mkdir -p reports
+# The HTML reports load MathJax from reports/mathjax, so their equations render offline too:
+# MathJax 2 as the jupyter-server-mathjax package ships it, with the STIX-Web fonts it has.
+MATHJAX_URL := mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe,local/stix
+
+reports/mathjax/MathJax.js: $(VENV)/.installed
+	rm -rf reports/mathjax && mkdir -p reports
+	cp -r "$$($(BIN)/python -c 'import jupyter_server_mathjax as m, pathlib; \
+		print(pathlib.Path(m.__file__).parent / "static")')" reports/mathjax
+	mkdir -p reports/mathjax/config/local
+	printf '%s\n' \
+		'MathJax.Hub.Config({"HTML-CSS": {availableFonts: [], preferredFont: null, webFont: "STIX-Web", imageFont: null}});' \
+		'MathJax.Ajax.loadComplete("[MathJax]/config/local/stix.js");' \
+		> reports/mathjax/config/local/stix.js
+	touch $@
+
+reports/%.ipynb: notebooks/%.ipynb $(VENV)/.installed reports/mathjax/MathJax.js
 	$(BIN)/jupyter nbconvert --to notebook --execute $< --output-dir reports \
 		--ExecutePreprocessor.timeout=900
 	$(BIN)/jupyter nbconvert --to html $@ --TagRemovePreprocessor.remove_cell_tags=remove-cell \
-		--ClearMetadataPreprocessor.enabled=True
+		--ClearMetadataPreprocessor.enabled=True '--HTMLExporter.mathjax_url=$(MATHJAX_URL)'
 
 tutorial: reports/01_t1_inversion_recovery.ipynb
 	@echo "Executed notebook and HTML report: reports/01_t1_inversion_recovery.{ipynb,html}"

@@ -171,6 +171,8 @@ def _reports() -> list[Path]:
 
 
 def test_html_reports_show_every_figure_and_no_error(browser, shots):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     for report in _reports():
         executed = json.loads(report.with_suffix(".ipynb").read_text())
         figures = sum(
@@ -196,7 +198,13 @@ def test_html_reports_show_every_figure_and_no_error(browser, shots):
             ".filter(img => img.complete && img.naturalWidth > 0).length"
         )
         assert loaded == figures, f"{report.name}: only {loaded} of {figures} figures load"
+        # Every notebook has equations; MathJax comes from reports/mathjax, so this holds offline.
+        try:
+            page.wait_for_function("() => document.querySelectorAll('.MathJax').length > 0")
+        except PlaywrightTimeout:
+            pytest.fail(f"{report.name}: no equation rendered (is reports/mathjax there?)")
         text = page.locator("body").inner_text()
+        assert "Math Processing Error" not in text, report.name
         assert "Traceback (most recent call last)" not in text, report.name
         assert "Data used:" in text, report.name
         # The cells tagged remove-cell (badges, install) are for notebooks, not for reports.
