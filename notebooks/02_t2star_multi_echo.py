@@ -28,6 +28,7 @@ import sys
 QMRI_TUTORIALS = "qmri-tutorials @ git+https://github.com/qmri-tutorials/qmri-tutorials@main"
 if importlib.util.find_spec("qmri_helpers") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", QMRI_TUTORIALS], check=True)
+    importlib.invalidate_caches()  # so that this kernel finds it without a restart
 
 # %% [markdown]
 # # T2* mapping from multi-echo gradient-echo data

@@ -104,6 +104,12 @@ def test_notebook_opens_with_badges_and_an_install_cell_that_reports_drop(script
     assert title.source.startswith("# "), f"{script.name}: the title must follow the header"
 
 
+def test_readme_binder_badge_opens_the_notebooks_folder():
+    slug = REPOSITORY.removeprefix("https://github.com/")
+    readme = (ROOT / "README.md").read_text()
+    assert f"(https://mybinder.org/v2/gh/{slug}/main?urlpath=lab/tree/notebooks)" in readme
+
+
 def test_install_cell_installs_the_package_only_where_it_is_missing(tmp_path):
     # A local git repository holding the package stands in for GitHub.
     source = tmp_path / "repository"
@@ -132,10 +138,9 @@ def test_install_cell_installs_the_package_only_where_it_is_missing(tmp_path):
 
     where = "import importlib.util; print(importlib.util.find_spec('qmri_helpers'))"
     assert run(where).stdout.strip() == "None"
-    installed = run(cell)
+    installed = run(f"{cell}\n{where}")  # found in the same process, as in a running kernel
     assert installed.returncode == 0, installed.stderr
-    spec = run(where).stdout
-    assert str(tmp_path / "venv") in spec, spec
+    assert str(tmp_path / "venv") in installed.stdout, installed.stdout
     # Run again with the repository gone: the package is there, so nothing is fetched.
     shutil.rmtree(source)
     again = run(cell)
