@@ -40,9 +40,10 @@ reports/mathjax/MathJax.js: $(VENV)/.installed
 
 reports/%.ipynb: notebooks/%.ipynb $(VENV)/.installed reports/mathjax/MathJax.js
 	$(BIN)/jupyter nbconvert --to notebook --execute $< --output-dir reports \
-		--ExecutePreprocessor.timeout=900
-	$(BIN)/jupyter nbconvert --to html $@ --TagRemovePreprocessor.remove_cell_tags=remove-cell \
-		--ClearMetadataPreprocessor.enabled=True '--HTMLExporter.mathjax_url=$(MATHJAX_URL)'
+		--ExecutePreprocessor.timeout=900 --TagRemovePreprocessor.enabled=True \
+		--TagRemovePreprocessor.remove_cell_tags=remove-cell
+	$(BIN)/jupyter nbconvert --to html $@ --ClearMetadataPreprocessor.enabled=True \
+		'--HTMLExporter.mathjax_url=$(MATHJAX_URL)'
 
 tutorial: reports/01_t1_inversion_recovery.ipynb
 	@echo "Executed notebook and HTML report: reports/01_t1_inversion_recovery.{ipynb,html}"
