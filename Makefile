@@ -6,8 +6,10 @@
 # *.html), lint, sync (re-pair .py/.ipynb), clean.
 PYTHON ?= python3
 VENV ?= .venv
-# Pinned: an unpinned torch pulls several GB of CUDA wheels on Linux.
+# Pinned: an unpinned torch pulls several GB of CUDA wheels on Linux. Where pip's index has
+# only those, name PyTorch's CPU wheel index: make setup TORCH_INDEX_URL=<its URL>.
 TORCH_VERSION ?= 2.13.0
+TORCH_INDEX_URL ?=
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
@@ -17,7 +19,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/python -m pip install -e ".[dev]"
 	touch $@
 
