@@ -20,6 +20,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
 CONDA_TO_PIP = {"pytorch": "torch", "playwright-python": "playwright"}  # conda-forge names
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 REPOSITORY = PYPROJECT["project"]["urls"]["Repository"]
+SLUG = REPOSITORY.removeprefix("https://github.com/")  # owner/name
 SKELETON = ("## Overview", "## Prerequisites", "**Learning goals:**", "**Estimated time:**",
             "## Summary", "## What's next")  # fmt: skip
 
@@ -92,11 +93,10 @@ def test_notebook_has_the_cookbook_skeleton_in_order(script):
 @pytest.mark.parametrize("script", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_opens_with_badges_and_an_install_cell_that_reports_drop(script):
     badges, install, title = jupytext.read(script).cells[:3]
-    slug = REPOSITORY.removeprefix("https://github.com/")
     path = f"notebooks/{script.stem}.ipynb"
     assert badges.cell_type == "markdown"
-    assert f"(https://colab.research.google.com/github/{slug}/blob/main/{path})" in badges.source
-    assert f"(https://mybinder.org/v2/gh/{slug}/main?urlpath=lab/tree/{path})" in badges.source
+    assert f"(https://colab.research.google.com/github/{SLUG}/blob/main/{path})" in badges.source
+    assert f"(https://mybinder.org/v2/gh/{SLUG}/main?urlpath=lab/tree/{path})" in badges.source
     assert install.cell_type == "code"
     assert f'"qmri-tutorials @ git+{REPOSITORY}@main"' in install.source
     for cell in (badges, install):
@@ -105,9 +105,8 @@ def test_notebook_opens_with_badges_and_an_install_cell_that_reports_drop(script
 
 
 def test_readme_binder_badge_opens_the_notebooks_folder():
-    slug = REPOSITORY.removeprefix("https://github.com/")
     readme = (ROOT / "README.md").read_text()
-    assert f"(https://mybinder.org/v2/gh/{slug}/main?urlpath=lab/tree/notebooks)" in readme
+    assert f"(https://mybinder.org/v2/gh/{SLUG}/main?urlpath=lab/tree/notebooks)" in readme
 
 
 def test_install_cell_installs_the_package_only_where_it_is_missing(tmp_path):
