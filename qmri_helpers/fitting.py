@@ -720,3 +720,6 @@ def fit_lm(
     :func:`fit_varpro` for the parameters.
     """
     return fit_varpro(model, data, lm_iterations=max_iter, **kwargs)
+
+
+from .t2_fitting import fit_epg as fit_epg  # noqa: E402  (re-export; it needs FitResult above)
