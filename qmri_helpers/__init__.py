@@ -22,6 +22,9 @@ from . import (
     phantom,
     phantom_qa,
     plotting,
+    qa_report,
+    reference,
+    spheres,
     widgets,
 )
 
@@ -36,6 +39,9 @@ __all__ = [
     "phantom",
     "phantom_qa",
     "plotting",
+    "qa_report",
+    "reference",
+    "spheres",
     "widgets",
 ]
 __version__ = "0.1.0"
