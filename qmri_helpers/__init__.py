@@ -22,6 +22,7 @@ from . import (
     phantom,
     phantom_qa,
     plotting,
+    solvers,
     widgets,
 )
 
@@ -36,6 +37,7 @@ __all__ = [
     "phantom",
     "phantom_qa",
     "plotting",
+    "solvers",
     "widgets",
 ]
 __version__ = "0.1.0"
