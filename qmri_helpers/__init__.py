@@ -24,6 +24,7 @@ from . import (
     plotting,
     qa_report,
     reference,
+    solvers,
     spheres,
     widgets,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "qa_report",
     "reference",
     "spheres",
+    "solvers",
     "widgets",
 ]
 __version__ = "0.1.0"
