@@ -3,10 +3,19 @@
 Maps have the shape ``(z, y, x)`` that :func:`qmri_helpers.dicom.load_series` gives per
 contrast (slice, row, column). Times are in seconds inside the package; the files say their
 unit (NIfTI ``xyzt_units`` and description, DICOM SeriesDescription and RescaleType).
+
+The writers refuse what would give a wrong file: a map whose shape is not the series', NaN or
+inf values, names that are not plain file names, and (unless ``overwrite=True``) a folder
+that already holds a series of the same name. A uint16 DICOM series clips outliers at a robust
+top, counts them and warns, so that one runaway voxel cannot flatten the rest of the map.
 """
 
 from __future__ import annotations
 
+import re
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -17,10 +26,19 @@ from pydicom.uid import generate_uid
 
 from .dicom import SeriesHeader
 
-__all__ = ["dicom_affine", "to_nifti", "to_dicom"]
+__all__ = ["ExportWarning", "dicom_affine", "to_nifti", "to_dicom"]
 
 #: DICOM's patient axes (LPS) to NIfTI's (RAS).
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: Written into every DICOM file the package makes; overwrite=True deletes only such files.
+_MARK = "qmri_helpers"
+#: A name that is a plain file name, on every system: no separators, no "..", no control bytes.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]*")
+_UINT16_TOP = 65535
+
+
+class ExportWarning(UserWarning):
+    """An export that changed values to store them (clipped outliers), with the count."""
 
 
 def dicom_affine(header: SeriesHeader) -> np.ndarray:
@@ -69,6 +87,15 @@ def _numpy_map(values: torch.Tensor | np.ndarray, header: SeriesHeader) -> np.nd
     return array
 
 
+def _check_name(name: str, folder: Path) -> None:
+    """Refuse a series name that is not a plain file name (it would write outside folder)."""
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
+        raise ValueError(
+            f"name {name!r} is not a plain name: it names the files in {folder}, so it must be "
+            "letters, digits and '_' (no path separators, no '..'), e.g. 'T1' or 'T2star'"
+        )
+
+
 def to_nifti(
     values: torch.Tensor | np.ndarray,
     header: SeriesHeader,
@@ -84,7 +111,8 @@ def to_nifti(
     header
         The header of the series the map was fitted from (:func:`~qmri_helpers.dicom.load_series`).
     path
-        Output file, ``.nii`` or ``.nii.gz``.
+        Output file, ``.nii`` or ``.nii.gz``; a name without either gets ``.nii`` (as nibabel
+        does). An existing folder is refused.
     description
         Stored in the header's ``descrip`` field (80 characters), e.g. ``"T1 (s)"``.
 
@@ -93,16 +121,78 @@ def to_nifti(
     pathlib.Path
         The file written.
     """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{path} is a folder: give a file name ending in .nii or .nii.gz, "
+            f"e.g. {path / 't1map.nii.gz'}"
+        )
+    if not path.name.endswith((".nii", ".nii.gz")):
+        path = path.with_name(path.name + ".nii")
     array = _numpy_map(values, header)
     image = nib.Nifti1Image(np.transpose(array, (2, 1, 0)), dicom_affine(header))
     image.header.set_xyzt_units(xyz="mm", t="sec")
     image.header["descrip"] = description[:79].encode()
     image.set_qform(image.affine, code=1)
     image.set_sform(image.affine, code=1)
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(image, path)
     return path
+
+
+def _robust_top(array: np.ndarray, vmax: float | None) -> float:
+    """The largest value a uint16 series stores: ``vmax``, else a robust top of the map.
+
+    The robust top is the largest value at most twice the 99th percentile of the positive
+    values, so that a few runaway voxels (a failed fit at 1e6 s) do not set the step.
+    """
+    if vmax is not None:
+        if not np.isfinite(vmax) or vmax <= 0:
+            raise ValueError(f"vmax must be a positive number, got {vmax}")
+        return float(vmax)
+    positive = array[array > 0]
+    if positive.size == 0:
+        return 1.0
+    fence = 2.0 * float(np.percentile(positive, 99))
+    return float(positive[positive <= fence].max())
+
+
+def _old_series(folder: Path, name: str) -> list[Path]:
+    """The files in ``folder`` that a series called ``name`` would have written."""
+    pattern = re.compile(rf"{re.escape(name)}_\d{{4,}}\.dcm")
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name))
+
+
+def _written_by_us(path: Path) -> bool:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # not DICOM, or unreadable: certainly not one of ours
+        return False
+    return str(ds.get("DerivationDescription", "")).startswith(_MARK) or (
+        str(ds.get("SeriesDescription", "")).endswith(f"), {_MARK}")
+        and "DERIVED" in list(ds.get("ImageType", []))
+    )
+
+
+def _make_room(folder: Path, name: str, overwrite: bool) -> list[Path]:
+    """Check that an older series of ``name`` may go; return its files (deleted later)."""
+    old = _old_series(folder, name)
+    if not old:
+        return []
+    if not overwrite:
+        raise FileExistsError(
+            f"{folder} already holds a {name} series ({len(old)} files: {old[0].name} ...): "
+            "pass overwrite=True to replace it, or choose another folder or name"
+        )
+    foreign = [p for p in old if not _written_by_us(p)]
+    if foreign:
+        raise FileExistsError(
+            f"{foreign[0]} is in the way and was not written by {_MARK}: not deleting it "
+            f"({len(foreign)} such files); move it, or choose another folder or name"
+        )
+    return old
 
 
 def to_dicom(
@@ -112,13 +202,22 @@ def to_dicom(
     name: str = "T1",
     unit: str = "ms",
     scale: float = 1000.0,
+    vmax: float | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write a map as a derived DICOM MR series, one file per slice, in the source's frame.
 
     Each file copies the patient, study and geometry of the source slice, gets new series and
     instance UIDs and the ImageType DERIVED, SECONDARY, "<name> MAP". Pixel values are uint16
-    with a RescaleSlope, so that ``pixel_array * RescaleSlope + RescaleIntercept`` gives the
-    map in ``unit`` to within half a slope step.
+    with a RescaleSlope, ``top / 65535``: ``pixel_array * RescaleSlope + RescaleIntercept``
+    gives the map in ``unit`` to within half a step, ``top / 131070``. That is within 0.1%
+    of every value above ``top / 131``; smaller values keep the absolute half step. For
+    float32 values use :func:`to_parametric_map`; this series is for viewers without
+    parametric-map support.
+
+    The top is ``vmax``, or else the largest value at most twice the 99th percentile of the
+    positive values. Values above it are stored as the top: they are counted, an
+    :class:`ExportWarning` says how many, and each file's ImageComments records it.
 
     Parameters
     ----------
@@ -129,25 +228,70 @@ def to_dicom(
     folder
         Output folder (created).
     name
-        Parameter name for SeriesDescription and ImageType, e.g. ``"T1"``.
+        Parameter name for the file names, SeriesDescription and ImageType, e.g. ``"T1"``;
+        letters, digits and ``_`` only (it names files).
     unit
         Unit of the stored values, written to RescaleType and SeriesDescription.
     scale
         Factor from ``values`` to ``unit`` (1000: s to ms).
+    vmax
+        The largest value to store, in the unit of ``values`` (e.g. 5.0 for T1 in s);
+        None for the robust top.
+    overwrite
+        If the folder already holds files ``<name>_NNNN.dcm``, replace that series (its files
+        are deleted, all of them) instead of refusing. Files that the package did not write
+        are never deleted: they make the export fail.
 
     Returns
     -------
     list of pathlib.Path
         The files written, in slice order.
     """
+    folder = Path(folder)
+    _check_name(name, folder)
     array = _numpy_map(values, header).astype(np.float64) * scale
     if (array < 0).any():
         raise ValueError(f"the {name} map has negative values: DICOM export stores uint16")
-    peak = float(array.max()) or 1.0
-    slope = peak / 65000.0
-    folder = Path(folder)
+    top = _robust_top(array, None if vmax is None else vmax * scale)
+    slope_text = f"{top / _UINT16_TOP:.10g}"
+    slope = float(slope_text)
+    clipped = array > top
+    n_clipped = int(clipped.sum())
+    comments = f"{_MARK}: {name} in {unit}, stored to +-{slope / 2:.3g} {unit}"
+    if n_clipped:
+        what = f"{n_clipped} voxel{'s' if n_clipped > 1 else ''}"
+        note = f"{what} above {top:.6g} {unit} clipped to it (largest {array.max():.6g} {unit})"
+        comments += f"; {note}"
+        warnings.warn(
+            f"{name} map: {note}; set vmax to choose the top, or mask failed fits",
+            ExportWarning,
+            stacklevel=2,
+        )
+    stored = np.clip(np.round(array / slope), 0, _UINT16_TOP).astype(np.uint16)
+    old = _make_room(folder, name, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder))
+    try:
+        staged = _write_slices(stored, header, staging, name, unit, slope_text, comments)
+        for path in old:
+            path.unlink()
+        paths = [Path(shutil.move(path, folder / path.name)) for path in staged]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return paths
+
+
+def _write_slices(
+    stored: np.ndarray,
+    header: SeriesHeader,
+    folder: Path,
+    name: str,
+    unit: str,
+    slope: str,
+    comments: str,
+) -> list[Path]:
     series_uid = generate_uid()
+    source_uid = pydicom.dcmread(header.files[0][0], stop_before_pixels=True).SeriesInstanceUID
     paths = []
     for z, source in enumerate(header.files[0]):
         ds = pydicom.dcmread(source)
@@ -162,18 +306,20 @@ def to_dicom(
         ds.SeriesInstanceUID = series_uid
         ds.SeriesNumber = int(ds.get("SeriesNumber", 0) or 0) + 1000
         ds.InstanceNumber = z + 1
-        ds.SeriesDescription = f"{name} map ({unit}), qmri_helpers"
-        ds.ImageType = ["DERIVED", "SECONDARY", f"{name.upper()} MAP"]
+        ds.SeriesDescription = f"{name} map ({unit}), {_MARK}"
+        ds.DerivationDescription = f"{_MARK}: {name} map fitted from series {source_uid}"
+        ds.ImageComments = comments
+        ds.ImageType = ["DERIVED", "SECONDARY", f"{name.upper()[:12]} MAP"]
         ds.BitsAllocated = ds.BitsStored = 16
         ds.HighBit = 15
         ds.PixelRepresentation = 0
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = array.shape[1:]
-        ds.RescaleSlope = f"{slope:.10g}"
+        ds.Rows, ds.Columns = stored.shape[1:]
+        ds.RescaleSlope = slope
         ds.RescaleIntercept = 0
         ds.RescaleType = unit
-        ds.PixelData = np.round(array[z] / float(ds.RescaleSlope)).astype(np.uint16).tobytes()
+        ds.PixelData = stored[z].tobytes()
         path = folder / f"{name}_{z + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -107,3 +109,107 @@ def test_bad_maps_are_refused(multislice, tmp_path):
         export.to_dicom(t1.transpose(1, 2), header, tmp_path / "swapped")
     with pytest.raises(ValueError, match="negative"):
         export.to_dicom(-t1, header, tmp_path / "neg")
+
+
+def _read_back(paths) -> np.ndarray:
+    """The stored map (in the file's unit) of a written series, ``(z, y, x)``."""
+    slices = []
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        slices.append(ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
+    return np.stack(slices)
+
+
+def test_an_outlier_is_clipped_counted_and_the_rest_keeps_its_precision(multislice, tmp_path):
+    header, t1 = multislice
+    spoiled = t1.clone()
+    spoiled[1, 10, 10] = 1e6  # a fit that ran away
+    with pytest.warns(UserWarning, match=r"1 voxel .*clipped"):
+        paths = export.to_dicom(spoiled, header, tmp_path / "dcm")
+    back, truth = _read_back(paths), t1.numpy().astype(np.float64) * 1000
+    kept = np.ones(truth.shape, bool)
+    kept[1, 10, 10] = False
+    slope = float(pydicom.dcmread(paths[0]).RescaleSlope)
+    assert np.abs(back - truth)[kept].max() <= slope / 2 * (1 + 1e-6)
+    big = kept & (truth >= 100.0)  # every vial from 0.1 s up: 0.1% of the value
+    assert big.sum() > 1000
+    assert (np.abs(back - truth)[big] <= 1e-3 * truth[big]).all()
+    assert back[1, 10, 10] == pytest.approx(65535 * slope)  # clipped to the top, not wrapped
+    assert back[1, 10, 10] >= truth[kept].max()
+    comments = pydicom.dcmread(paths[1]).ImageComments
+    assert "1 voxel" in comments and "clipped" in comments
+
+
+def test_a_clean_map_is_stored_without_a_warning(multislice, tmp_path):
+    header, t1 = multislice
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = export.to_dicom(t1, header, tmp_path / "dcm")
+    back, truth = _read_back(paths), t1.numpy().astype(np.float64) * 1000
+    slope = float(pydicom.dcmread(paths[0]).RescaleSlope)
+    assert slope == pytest.approx(truth.max() / 65535, rel=1e-6)
+    assert np.abs(back - truth).max() <= slope / 2 * (1 + 1e-6)
+
+
+def test_vmax_sets_the_top_and_counts_what_it_clips(multislice, tmp_path):
+    header, t1 = multislice
+    n_above = int((t1 > 3.0).sum())
+    assert n_above > 0
+    with pytest.warns(UserWarning, match=rf"{n_above} voxels .*clipped"):
+        paths = export.to_dicom(t1, header, tmp_path / "dcm", vmax=3.0)
+    back = _read_back(paths)
+    assert back.max() == pytest.approx(3000.0, rel=1e-6)
+    below = t1.numpy() <= 3.0
+    np.testing.assert_allclose(back[below], t1.numpy()[below] * 1000, atol=3000 / 65535)
+
+
+@pytest.mark.parametrize("name", ["../../x", "sub/T1", "..\\x", "..", "", "T1\0"])
+def test_names_that_are_not_plain_file_names_are_refused(multislice, tmp_path, name):
+    header, t1 = multislice
+    folder = tmp_path / "a" / "b"
+    with pytest.raises(ValueError, match="name"):
+        export.to_dicom(t1, header, folder, name=name)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_an_older_series_is_kept_unless_overwrite_and_then_removed(multislice, tmp_path):
+    header, t1 = multislice
+    folder = tmp_path / "dcm"
+    first = export.to_dicom(t1, header, folder)
+    for k in (4, 5):  # the older series was longer: 5 slices
+        ds = pydicom.dcmread(first[0])
+        ds.InstanceNumber = k
+        ds.save_as(folder / f"T1_{k:04d}.dcm")
+    (folder / "notes.txt").write_text("mine")
+    others = export.to_dicom(t1, header, folder, name="M0", unit="a.u.", scale=1.0)
+    with pytest.raises(FileExistsError, match=r"T1.*overwrite=True"):
+        export.to_dicom(t1 * 2, header, folder)
+    np.testing.assert_allclose(_read_back(first), t1.numpy() * 1000, atol=0.1)  # untouched
+    paths = export.to_dicom(t1 * 2, header, folder, overwrite=True)
+    assert sorted(folder.glob("T1_*")) == paths and len(paths) == 3
+    np.testing.assert_allclose(_read_back(paths), t1.numpy() * 2000, atol=0.2)
+    assert {p.name for p in folder.iterdir()} == {"notes.txt", *(p.name for p in paths + others)}
+    series = {pydicom.dcmread(p).SeriesInstanceUID for p in paths}
+    assert len(series) == 1
+
+
+def test_overwrite_never_deletes_a_file_the_package_did_not_write(multislice, tmp_path):
+    header, t1 = multislice
+    folder = tmp_path / "dcm"
+    export.to_dicom(t1, header, folder)
+    foreign = folder / "T1_0009.dcm"
+    foreign.write_bytes(header.files[0][0].read_bytes())  # the scanner's own file
+    with pytest.raises(FileExistsError, match="T1_0009.dcm.*not written by qmri_helpers"):
+        export.to_dicom(t1, header, folder, overwrite=True)
+    assert foreign.read_bytes() == header.files[0][0].read_bytes()
+    assert len(list(folder.glob("T1_*.dcm"))) == 4
+
+
+def test_to_nifti_returns_the_file_it_wrote(multislice, tmp_path):
+    header, t1 = multislice
+    path = export.to_nifti(t1, header, tmp_path / "t1map")
+    assert path == tmp_path / "t1map.nii" and path.is_file()
+    np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj).transpose(2, 1, 0), t1)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError, match="folder.*a file name ending in .nii"):
+        export.to_nifti(t1, header, tmp_path / "folder")
