@@ -1,5 +1,10 @@
 """Maps that leave the notebook: NIfTI and DICOM with the geometry of the source series.
 
+Three outputs: :func:`to_nifti` (a NIfTI-1 file), :func:`to_parametric_map` (a DICOM
+Parametric Map of float32 values, built with highdicom, the standard object for quantitative
+maps) and :func:`to_dicom` (a uint16 MR image series, for viewers without parametric-map
+support). :func:`to_bids` writes a BIDS qMRI derivative (see :mod:`qmri_helpers.bids`).
+
 Maps have the shape ``(z, y, x)`` that :func:`qmri_helpers.dicom.load_series` gives per
 contrast (slice, row, column). Times are in seconds inside the package; the files say their
 unit (NIfTI ``xyzt_units`` and description, DICOM SeriesDescription and RescaleType).
@@ -16,17 +21,20 @@ import re
 import shutil
 import tempfile
 import warnings
+from importlib import metadata
 from pathlib import Path
 
+import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pydicom
 import torch
+from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from .dicom import SeriesHeader
 
-__all__ = ["ExportWarning", "dicom_affine", "to_nifti", "to_dicom"]
+__all__ = ["ExportWarning", "dicom_affine", "to_nifti", "to_dicom", "to_parametric_map"]
 
 #: DICOM's patient axes (LPS) to NIfTI's (RAS).
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -35,6 +43,37 @@ _MARK = "qmri_helpers"
 #: A name that is a plain file name, on every system: no separators, no "..", no control bytes.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]*")
 _UINT16_TOP = 65535
+#: UCUM codes of the units a parametric map may carry.
+_UCUM = {
+    "ms": codes.UCUM.Millisecond,
+    "s": codes.UCUM.Second,
+    "/s": codes.UCUM.PerSecond,
+    "1/s": codes.UCUM.PerSecond,
+    "1": codes.UCUM.NoUnits,
+    "a.u.": codes.UCUM.NoUnits,
+}
+#: The quantity (DICOM CID 7180) of a map, by the package's parameter names.
+_QUANTITY = {
+    "t1": codes.DCM.T1,
+    "t2": codes.DCM.T2,
+    "t2star": codes.DCM.T2Star,
+    "r1": codes.DCM.R1,
+    "r2": codes.DCM.R2,
+    "r2star": codes.DCM.R2Star,
+    "m0": codes.DCM.ProtonDensity,
+}
+#: Type 2 attributes that highdicom copies from the source (empty where the source lacks them).
+_PATIENT_STUDY = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
 
 
 class ExportWarning(UserWarning):
@@ -324,3 +363,109 @@ def _write_slices(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def package_version() -> str:
+    """The installed version of qmri-tutorials ("unknown" when run from a bare checkout)."""
+    try:
+        return metadata.version("qmri-tutorials")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def to_parametric_map(
+    values: torch.Tensor | np.ndarray,
+    header: SeriesHeader,
+    path: str | Path,
+    name: str = "T1",
+    unit: str = "ms",
+    scale: float = 1000.0,
+    overwrite: bool = False,
+) -> Path:
+    """Write a map as one DICOM Parametric Map of float32 values, built with highdicom.
+
+    The object keeps the study, the frame of reference and the geometry (position of each
+    slice, orientation, pixel spacing) of the source series, references each source slice,
+    and carries a Real World Value Mapping (identity: the stored floats are the values) with
+    the UCUM unit and the quantity (DICOM CID 7180: T1, T2*, R1, ...). The values are stored
+    exactly as float32: no clipping, no quantisation. highdicom orders the frames by position
+    along the slice normal, which may be the reverse of the tensor's slice order.
+
+    Not every viewer shows parametric maps (PACS viewers often lack them); for those, write the
+    uint16 MR image series of :func:`to_dicom` as well.
+
+    Parameters
+    ----------
+    values
+        The map, shape ``(z, y, x)``, in s for times (or any unit, with ``scale``).
+    header
+        The header of the source DICOM series (:func:`~qmri_helpers.dicom.load_series`).
+    path
+        Output file (``.dcm``); its folder is created.
+    name
+        The parameter, e.g. ``"T1"``, ``"T2star"``, ``"R2star"``, ``"M0"``: the label, and
+        the quantity where the package knows it.
+    unit
+        Unit of the stored values: ``"ms"``, ``"s"``, ``"1/s"`` or ``"1"`` (no unit, e.g. M0).
+    scale
+        Factor from ``values`` to ``unit`` (1000: s to ms).
+    overwrite
+        Replace an existing file instead of refusing.
+
+    Returns
+    -------
+    pathlib.Path
+        The file written.
+    """
+    path = Path(path)
+    _check_name(name, path.parent)
+    if unit not in _UCUM:
+        raise ValueError(f"unit {unit!r} is not one of {sorted(_UCUM)} (UCUM units)")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: give a file name, e.g. {path / 't1map.dcm'}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
+    array = (_numpy_map(values, header).astype(np.float64) * scale).astype(np.float32)
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in header.files[0]]
+    for ds in sources:
+        for keyword in _PATIENT_STUDY:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label=name[:16],
+        lut_explanation=f"{name} ({unit})",
+        unit=_UCUM[unit],
+        value_range=(float(array.min()), float(array.max())),
+        slope=1.0,
+        intercept=0.0,
+        quantity_definition=_QUANTITY.get(name.lower()),
+    )
+    positive = array[array > 0]
+    low, high = np.percentile(positive, [1, 99]) if positive.size else (0.0, 1.0)
+    window = hd.VOILUTTransformation(
+        window_center=float(low + high) / 2, window_width=max(float(high - low), 1e-6)
+    )
+    recognizable = str(sources[0].get("RecognizableVisualFeatures", "YES")).upper() != "NO"
+    with warnings.catch_warnings():  # the source's PatientName is copied as it is
+        warnings.filterwarnings("ignore", "The string .* intended person name", UserWarning)
+        pmap = hd.pm.ParametricMap(
+            source_images=sources,
+            pixel_array=array,
+            series_instance_uid=hd.UID(),
+            series_number=int(sources[0].get("SeriesNumber", 0) or 0) + 2000,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="qmri-tutorials",
+            manufacturer_model_name="qmri_helpers",
+            software_versions=package_version(),
+            device_serial_number="none",
+            contains_recognizable_visual_features=recognizable,
+            real_world_value_mappings=[mapping],
+            voi_lut_transformations=[window],
+            content_label=f"{name.upper()[:12]}MAP",
+            content_description=f"{name} map ({unit}), {_MARK}",
+            series_description=f"{name} map ({unit}), {_MARK} parametric map",
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pmap.save_as(path)
+    return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -97,6 +98,7 @@ def test_hazen_coronal_geometry_round_trips(hazen, tmp_path):
     assert nib.aff2axcodes(image.affine)[2] in "AP"  # a coronal slice: the normal is A-P
     back = pydicom.dcmread(export.to_dicom(t1, header, tmp_path / "dcm")[0])
     assert back.Rows == 192 and "PatientName" in back
+    _check_parametric_map(export.to_parametric_map(t1, header, tmp_path / "pm.dcm"), header, t1)
 
 
 def test_bad_maps_are_refused(multislice, tmp_path):
@@ -213,3 +215,83 @@ def test_to_nifti_returns_the_file_it_wrote(multislice, tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(IsADirectoryError, match="folder.*a file name ending in .nii"):
         export.to_nifti(t1, header, tmp_path / "folder")
+
+
+def _lps(ds: pydicom.Dataset, row: int, column: int) -> np.ndarray:
+    return _ras(ds, row, column) * [-1, -1, 1]
+
+
+def _check_parametric_map(path, header, t1):
+    """Read a T1 parametric map (ms) back with pydicom and highdicom; check values and geometry."""
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in header.files[0]]
+    truth = t1.numpy().astype(np.float64) * 1000
+    ds = pydicom.dcmread(path)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
+    assert "FloatPixelData" in ds and ds.pixel_array.dtype == np.float32
+    assert ds.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    assert ds.StudyInstanceUID == sources[0].StudyInstanceUID
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    mapping = shared.RealWorldValueMappingSequence[0]
+    unit = mapping.MeasurementUnitsCodeSequence[0]
+    assert (unit.CodeValue, unit.CodingSchemeDesignator) == ("ms", "UCUM")
+    assert (mapping.RealWorldValueSlope, mapping.RealWorldValueIntercept) == (1.0, 0.0)
+    np.testing.assert_allclose(
+        shared.PlaneOrientationSequence[0].ImageOrientationPatient,
+        sources[0].ImageOrientationPatient,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        shared.PixelMeasuresSequence[0].PixelSpacing, sources[0].PixelSpacing, atol=1e-6
+    )
+    by_position = {tuple(np.round(np.asarray(s.ImagePositionPatient, float), 3)): k
+                   for k, s in enumerate(sources)}  # fmt: skip
+    frames = ds.PerFrameFunctionalGroupsSequence
+    assert len(frames) == len(sources)
+    seen = set()
+    for index, frame in enumerate(frames):
+        position = np.asarray(frame.PlanePositionSequence[0].ImagePositionPatient, float)
+        k = by_position[tuple(np.round(position, 3))]
+        seen.add(k)
+        np.testing.assert_allclose(ds.pixel_array.reshape(len(frames), *truth.shape[1:])[index],
+                                   truth[k], rtol=2**-23, atol=0)  # fmt: skip
+    assert seen == set(range(len(sources)))
+    # highdicom: the volume, with the real-world mapping applied, and its affine (LPS)
+    volume = hd.pm.ParametricMap.from_dataset(ds).get_volume(apply_real_world_transform=True)
+    inverse = np.linalg.inv(volume.affine)
+    for k, source in enumerate(sources):
+        s, r, c = (inverse @ [*np.asarray(source.ImagePositionPatient, float), 1])[:3]
+        np.testing.assert_allclose([r, c], [0, 0], atol=1e-4)
+        s = round(s)
+        np.testing.assert_allclose(volume.array[s], truth[k], rtol=2**-23, atol=0)
+        for row, column in [(0, 0), (truth.shape[1] - 1, 3), (5, truth.shape[2] - 1)]:
+            np.testing.assert_allclose(
+                (volume.affine @ [s, row, column, 1])[:3], _lps(source, row, column), atol=1e-4
+            )
+
+
+def test_parametric_map_round_trip(multislice, tmp_path):
+    header, t1 = multislice
+    path = export.to_parametric_map(t1, header, tmp_path / "pm" / "t1.dcm")
+    assert path == tmp_path / "pm" / "t1.dcm"
+    _check_parametric_map(path, header, t1)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    quantity = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    concept = quantity.QuantityDefinitionSequence[0].ConceptCodeSequence[0]
+    assert (concept.CodeValue, concept.CodeMeaning) == ("113063", "T1")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export.to_parametric_map(t1, header, path)
+    export.to_parametric_map(t1 * 2, header, path, overwrite=True)
+    assert pydicom.dcmread(path).pixel_array.max() == pytest.approx(2000 * float(t1.max()))
+
+
+def test_parametric_map_refusals(multislice, tmp_path):
+    header, t1 = multislice
+    with pytest.raises(ValueError, match="unit 'msec'"):
+        export.to_parametric_map(t1, header, tmp_path / "x.dcm", unit="msec")
+    with pytest.raises(ValueError, match="name"):
+        export.to_parametric_map(t1, header, tmp_path / "x.dcm", name="../T1")
+    with pytest.raises(IsADirectoryError):
+        export.to_parametric_map(t1, header, tmp_path)
+    with pytest.raises(ValueError, match="NaN"):
+        export.to_parametric_map(t1 * float("nan"), header, tmp_path / "x.dcm")
+    assert list(tmp_path.iterdir()) == []
