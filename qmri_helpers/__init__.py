@@ -14,6 +14,7 @@ Each module holds one concern; the notebooks call them in the order of a fit::
 from . import (
     data,
     dicom,
+    exercises,
     export,
     fitting,
     metrics,
@@ -32,6 +33,7 @@ from . import (
 __all__ = [
     "data",
     "dicom",
+    "exercises",
     "export",
     "fitting",
     "metrics",
