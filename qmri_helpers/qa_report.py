@@ -7,6 +7,7 @@ against the reference values; :func:`plot_rois` shows where the ROIs sit, and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -16,10 +17,51 @@ import torch
 from matplotlib.figure import Figure
 
 from .dicom import SeriesHeader
-from .reference import nominal_t1
+from .reference import Reference, reference_t1
 from .spheres import Spheres, roi_values
 
-__all__ = ["sphere_table", "plot_rois", "plot_agreement"]
+__all__ = ["roi_statistics", "sphere_table", "plot_rois", "plot_agreement"]
+
+
+#: SD of the median of n normal samples over their SD / sqrt(n), for large n.
+MEDIAN_EFFICIENCY = math.sqrt(math.pi / 2)
+#: MAD to SD for normal data.
+MAD_TO_SD = 1.4826
+#: A reference T1 beyond this multiple of the longest TI is not resolved by the protocol.
+LONGEST_TI_FACTOR = 3.0
+
+
+def roi_statistics(values: np.ndarray, sds: np.ndarray) -> dict[str, float]:
+    r"""Median and uncertainty of a fitted quantity in one ROI.
+
+    Parameters
+    ----------
+    values, sds
+        The voxel values and their Cramér-Rao SDs (same unit), ``(n,)``.
+
+    Returns
+    -------
+    dict
+        ``median``; ``iqr`` (interquartile range); ``robust_sd``, the within-ROI spread
+        :math:`1.4826\,\mathrm{MAD}` (the SD for normal data, blind to a few outliers);
+        ``cr_sd_median``, the Cramér-Rao SD of the ROI median,
+        :math:`\sqrt{\pi/2}\,\tilde\sigma_{CR}/\sqrt{n}`, what noise alone would
+        give; ``spread_sd_median``, the same from the observed spread,
+        :math:`\sqrt{\pi/2}\,\mathrm{SD_{robust}}/\sqrt{n}`, which also holds
+        what the noise model misses (non-uniformity, partial volume, a misplaced ROI);
+        ``sd_median``, the larger of the two. All in the unit of ``values``.
+    """
+    values, sds = np.asarray(values, float), np.asarray(sds, float)
+    n = max(len(values), 1)
+    median = float(np.median(values))
+    q1, q3 = np.percentile(values, [25, 75])
+    robust_sd = MAD_TO_SD * float(np.median(np.abs(values - median)))
+    cr = MEDIAN_EFFICIENCY * float(np.median(sds)) / math.sqrt(n)
+    spread = MEDIAN_EFFICIENCY * robust_sd / math.sqrt(n)
+    return {
+        "median": median, "iqr": float(q3 - q1), "robust_sd": robust_sd,
+        "cr_sd_median": cr, "spread_sd_median": spread, "sd_median": max(cr, spread),
+    }  # fmt: skip
 
 
 def sphere_table(
@@ -30,19 +72,21 @@ def sphere_table(
     tolerance: float = 0.10,
     reference_ms: Sequence[float] | None = None,
     reference_name: str = "reference",
-    max_relative_sd: float = 0.10,
+    max_relative_sd: float = 0.05,
     half: int = 2,
+    nominal: Reference | None = None,
 ) -> pd.DataFrame:
-    """Per-sphere results: measured T1, nominal T1, differences, reliability, pass/fail.
+    """Per-sphere results: measured T1, its spread and uncertainty, nominal T1, verdict.
 
     Parameters
     ----------
     t1_map, sd_map
         One slice of the fitted T1 and its Cramér-Rao SD, in s, ``(y, x)``.
     spheres
-        From :func:`find_spheres`.
+        From :func:`~qmri_helpers.spheres.label_by_values` (or
+        :func:`~qmri_helpers.spheres.find_spheres`).
     header
-        The series' header: field strength (for the nominal values) and TIs.
+        The series' header: field strength and TIs.
     tolerance
         Largest relative difference from nominal that passes.
     reference_ms
@@ -50,40 +94,62 @@ def sphere_table(
     reference_name
         Column label of that reference.
     max_relative_sd
-        A sphere whose median SD/T1 exceeds this is flagged unreliable.
+        A sphere whose ROI median is uncertain by more than this fraction (the larger of its
+        Cramér-Rao SD and the SD from the spread inside the ROI, :func:`roi_statistics`) is
+        flagged unreliable.
     half
         ROI half-width (2: a 5x5 ROI).
+    nominal
+        The nominal values (:func:`~qmri_helpers.reference.reference_t1`); None takes plate 5,
+        version 1, 20 °C at the header's field strength.
 
     Returns
     -------
     pandas.DataFrame
         One row per sphere 1-14, in ms and %. ``status`` is "pass", "fail" or "unreliable":
-        a sphere whose nominal T1 is shorter than the shortest TI, or whose fit is too
-        uncertain, is never reported as a pass.
+        a sphere whose nominal T1 is outside what the TIs resolve (below the shortest TI, or
+        beyond 3 times the longest), or whose median is too uncertain, is never reported as a
+        pass. The ``reference`` column names the plate, version and temperature, with
+        "(assumed)" where they were not given; ``table.attrs`` holds the same.
     """
-    nominal = np.asarray(nominal_t1(header.field_strength)) * 1000
+    if nominal is None:
+        nominal = reference_t1(5, header.field_strength)
+    nominal_ms = nominal.ms
     shortest_ti = float(header.ti.min()) * 1000
+    longest_ti = float(header.ti.max()) * 1000
     t1_rois = roi_values(t1_map, spheres.centres, half)
     sd_rois = roi_values(sd_map, spheres.centres, half)
     rows = []
     for i in range(14):
-        values = t1_rois[i] * 1000
-        median = float(np.median(values))
-        q1, q3 = np.percentile(values, [25, 75])
-        relative_sd = float(np.median(sd_rois[i] * 1000 / np.maximum(values, 1e-9)))
-        if nominal[i] < shortest_ti:
+        stats = roi_statistics(t1_rois[i] * 1000, sd_rois[i] * 1000)
+        median = stats["median"]
+        relative = stats["sd_median"] / median if median > 0 else math.inf
+        if nominal_ms[i] < shortest_ti:
             reliable, note = False, f"T1 below the shortest TI ({shortest_ti:g} ms): not resolved"
-        elif relative_sd > max_relative_sd or median <= 0:
-            reliable, note = False, f"fit too uncertain (SD {relative_sd:.0%} of T1)"
+        elif nominal_ms[i] > LONGEST_TI_FACTOR * longest_ti:
+            reliable, note = False, (
+                f"T1 beyond {LONGEST_TI_FACTOR:g}x the longest TI ({longest_ti:g} ms): "
+                "not resolved"
+            )  # fmt: skip
+        elif relative > max_relative_sd:
+            reliable, note = False, (
+                f"median uncertain by {relative:.0%} (noise alone: "
+                f"{stats['cr_sd_median'] / median:.1%}, spread in the ROI: "
+                f"{stats['spread_sd_median'] / median:.1%})"
+            )  # fmt: skip
         else:
             reliable, note = True, ""
-        difference = median / nominal[i] - 1
+        difference = median / nominal_ms[i] - 1
         row = {
             "sphere": i + 1,
             "T1 median (ms)": round(median, 1),
-            "T1 IQR (ms)": round(float(q3 - q1), 1),
-            "SD/T1 (%)": round(100 * relative_sd, 2),
-            f"nominal {header.field_strength:g} T (ms)": nominal[i],
+            "T1 IQR (ms)": round(stats["iqr"], 1),
+            "robust SD (%)": round(100 * stats["robust_sd"] / median, 2) if median > 0 else np.nan,
+            "CR SD of median (%)": round(100 * stats["cr_sd_median"] / median, 2)
+            if median > 0
+            else np.nan,
+            "SD of median (%)": round(100 * relative, 2),
+            f"nominal {nominal.field_strength:g} T (ms)": round(float(nominal_ms[i]), 2),
             "vs nominal (%)": round(100 * difference, 2),
         }
         if reference_ms is not None:
@@ -94,8 +160,14 @@ def sphere_table(
         else:
             row["status"] = "pass" if abs(difference) <= tolerance else "fail"
         row["note"] = note
+        row["reference"] = nominal.label
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table.attrs.update(
+        reference=nominal.label, assumptions=nominal.assumptions, plate=nominal.plate,
+        version=nominal.version, temperature_c=nominal.temperature_c,
+    )  # fmt: skip
+    return table
 
 
 def plot_rois(
