@@ -14,7 +14,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib import patheffects
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from .dicom import SeriesHeader
 from .reference import Reference, reference_t1
@@ -171,36 +173,74 @@ def sphere_table(
 
 
 def plot_rois(
-    image: torch.Tensor | np.ndarray, spheres: Spheres, half: int = 2, title: str = ""
+    image: torch.Tensor | np.ndarray,
+    spheres: Spheres,
+    half: int = 2,
+    title: str = "",
+    plate: int | None = None,
 ) -> Figure:
-    """The image with each ROI drawn and numbered, for the user to check the sphere finder."""
+    """The image with each ROI drawn and numbered, for the user to check the sphere finder.
+
+    Red: a circle was detected at the sphere; orange: the position comes from the
+    registered template alone; blue: point 15, an ROI in the water fill (no sphere). The
+    numbers are white with a black outline, outside the spheres, so that they read on any
+    background. The subtitle gives the plate (if known) and the orientation that was found.
+    """
     image = np.asarray(torch.as_tensor(image).detach().cpu(), dtype=float)
-    fig, ax = plt.subplots(figsize=(6, 6), layout="constrained")
+    fig, ax = plt.subplots(figsize=(7, 7.2), layout="constrained")
     shown = ax.imshow(np.abs(image), cmap="gray")
-    fig.colorbar(shown, ax=ax, label="|signal| (a.u.)", shrink=0.8)
+    fig.colorbar(shown, ax=ax, label="|signal| (a.u.)", shrink=0.7, location="right")
+    middle = spheres.centres[:14].mean(0)
+    outline = [patheffects.withStroke(linewidth=2.5, foreground="black")]
     for i, (row, col) in enumerate(spheres.centres):
-        colour = "tab:red" if spheres.detected[i] else "tab:orange"
-        ax.add_patch(
-            plt.Circle((col, row), spheres.radius_px, fill=False, color=colour, lw=0.8, ls=":")
-        )
+        colour = "tab:blue" if i == 14 else "tab:red" if spheres.detected[i] else "tab:orange"
+        if i < 14:
+            ax.add_patch(
+                plt.Circle((col, row), spheres.radius_px, fill=False, color=colour, lw=0.8, ls=":")
+            )
         ax.add_patch(
             plt.Rectangle(
                 (col - half - 0.5, row - half - 0.5), 2 * half + 1, 2 * half + 1,
-                fill=False, color=colour, lw=1.2,
+                fill=False, color=colour, lw=1.5,
             )
         )  # fmt: skip
+        away = np.array([row, col]) - middle  # put the number outside the sphere
+        away = away / (np.linalg.norm(away) or 1.0) * spheres.radius_px * 1.6
         ax.annotate(
-            str(i + 1), (col, row), xytext=(spheres.radius_px * 0.8, -spheres.radius_px * 0.8),
-            textcoords="offset points", color="yellow", fontsize=9, weight="bold",
+            str(i + 1), (col + away[1], row + away[0]), ha="center", va="center",
+            color="white", fontsize=10, weight="bold", path_effects=outline,
         )  # fmt: skip
-    ax.set_title(title or "Spheres found\n(red: circle detected, orange: template only)")
+    handles = [
+        Line2D([], [], marker="s", ls="", mfc="none", mec=c, mew=1.5, ms=9, label=label)
+        for c, label in (
+            ("tab:red", "ROI, circle detected"),
+            ("tab:orange", "ROI, template position only"),
+            ("tab:blue", "15: water fill (no sphere)"),
+        )
+    ]
+    ax.legend(
+        handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, fontsize=8,
+        frameon=False,
+    )  # fmt: skip
+    found = [f"plate {plate}"] if plate is not None else []
+    found.append(spheres.orientation)
+    if not math.isnan(spheres.rank_correlation):
+        found.append(
+            f"rank correlation {spheres.rank_correlation:+.2f}, margin {spheres.margin:.2f}"
+        )
+    ax.set_title(", ".join(found), fontsize=9)
+    fig.suptitle(title or "Spheres found: check that every square sits inside its sphere")
     ax.set_xlabel("column (pixel)")
     ax.set_ylabel("row (pixel)")
     return fig
 
 
 def plot_agreement(table: pd.DataFrame, title: str = "") -> Figure:
-    """Identity plot on log axes and Bland-Altman plot of measured against nominal T1."""
+    """Identity plot on log axes and Bland-Altman plot of measured against nominal T1.
+
+    The title names the nominal values (plate, version, temperature, field) from
+    ``table.attrs["reference"]``, as :func:`sphere_table` sets it.
+    """
     nominal_col = next(c for c in table.columns if c.startswith("nominal"))
     nominal = table[nominal_col].to_numpy(float)
     measured = table["T1 median (ms)"].to_numpy(float)
@@ -227,6 +267,7 @@ def plot_agreement(table: pd.DataFrame, title: str = "") -> Figure:
     for ax in (ax_id, ax_ba):
         ax.legend(fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
-    if title:
-        fig.suptitle(title)
+    against = table.attrs.get("reference")
+    if title or against:
+        fig.suptitle("\n".join(t for t in (title, against and f"nominal: {against}") if t))
     return fig
