@@ -35,8 +35,7 @@ __all__ = [
     "write_ir_phantom",
     "write_multi_echo_phantom",
     "write_plate5_phantom",
-    "NIST_T2_3T",
-    "NIST_T2_1P5T",
+    "write_plate4_phantom",
     "SPIN_ECHO_TE",
     "SpinEchoPhantom",
     "make_spin_echo_phantom",
@@ -120,7 +119,8 @@ def make_phantom(
     layout
         ``"rings"``: 10 vials on an outer and 4 on an inner ring, scaled to the matrix (the
         tutorials' default). ``"plate5"``: the spheres at the positions of the system
-        phantom's T1 plate (hazen's template, in mm), 10 mm in radius, for phantom QA.
+        phantom's T1 plate (hazen's template, in mm), 10 mm in radius, for phantom QA;
+        ``"plate4"``: the same positions with the T1 of plate 4 (the T2 array).
 
     Returns
     -------
@@ -130,6 +130,10 @@ def make_phantom(
     if field_strength not in (1.5, 3.0):
         raise ValueError(f"field_strength must be 1.5 or 3.0 T, got {field_strength!r}")
     vial_t1 = NIST_T1_3T if field_strength == 3.0 else NIST_T1_1P5T
+    if layout == "plate4":  # the T2 array: MnCl2 spheres with their own (longer) T1
+        from .reference import T1_V1_MS
+
+        vial_t1 = tuple(v / 1000 for v in T1_V1_MS[4, field_strength])
     ny, nx = shape
     size = min(ny, nx)
     yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
@@ -149,14 +153,14 @@ def make_phantom(
             for k in range(n)
         ]
         radius = 0.055 * size
-    elif layout == "plate5":
-        from .phantom_qa import template_spheres
+    elif layout in ("plate5", "plate4"):
+        from .spheres import template_spheres
 
         labels[(yy - cy) ** 2 + (xx - cx) ** 2 > (85 / spacing) ** 2] = 0
         centres = template_spheres(shape, spacing)[:14]
         radius = 10 / spacing
     else:
-        raise ValueError(f"layout must be 'rings' or 'plate5', got {layout!r}")
+        raise ValueError(f"layout must be 'rings', 'plate5' or 'plate4', got {layout!r}")
     for number, (vy, vx) in enumerate(centres, start=1):
         labels[(yy - vy) ** 2 + (xx - vx) ** 2 <= radius**2] = number
     t1 = np.zeros(shape)
@@ -460,20 +464,28 @@ def write_plate5_phantom(
     )  # fmt: skip
 
 
+def write_plate4_phantom(
+    folder: str | Path, field_strength: float = 1.5, snr: float = 800.0, seed: int = 0
+) -> Phantom:
+    """Write plate 4 (the T2 array) as the same IR protocol sees it, for plate detection.
+
+    As :func:`write_plate5_phantom`, but the spheres have the plate-4 T1 values (version 1,
+    20 °C, :data:`qmri_helpers.reference.T1_V1_MS`), which are much longer than plate 5's
+    for the same sphere number. The T2* of the vials is not that of plate 4.
+
+    Returns
+    -------
+    Phantom
+        The ground truth, maps of shape ``(1, 192, 192)``.
+    """
+    return write_ir_phantom(
+        folder, ti=PLATE5_TI, tr=1.0, te=0.01, snr=snr, shape=(192, 192),
+        field_strength=field_strength, seed=seed, fov_mm=250.0, layout="plate4",
+    )  # fmt: skip
+
+
 # --- Multi-echo spin echo (CPMG): T2 with imperfect refocusing, simulated by EPG -----------
 
-#: Nominal T2 (s) of spheres 1-14 of the T1 plate (plate 5) at 3 T (hazen's table).
-NIST_T2_3T = (
-    1.465, 1.076, 0.7179, 0.5101, 0.3596, 0.2555, 0.1808,
-    0.1273, 0.0903, 0.0643, 0.0457, 0.03186, 0.02238, 0.01583,
-)  # fmt: skip
-#: Nominal T2 (s) of spheres 1-14 of plate 5 at 1.5 T (hazen's table).
-NIST_T2_1P5T = (
-    1.669, 1.244, 0.8593, 0.6285, 0.4463, 0.3212, 0.2277,
-    0.1619, 0.1171, 0.0819, 0.0577, 0.0410, 0.0287, 0.0202,
-)  # fmt: skip
-#: T2 (s) of the water fill (hazen's sphere 15).
-FILL_T2 = 2.4
 #: Echo times (s) of the synthetic spin-echo series: 32 echoes every 8 ms, as hazen's
 #: Philips 3 T scan.
 SPIN_ECHO_TE = tuple(round(0.008 * k, 4) for k in range(1, 33))
@@ -518,7 +530,7 @@ def make_spin_echo_phantom(
     Parameters
     ----------
     field_strength
-        1.5 or 3.0 (T): selects the nominal T1 and T2 tables.
+        1.5 or 3.0 (T): selects the nominal T1 and T2 tables of plate 5.
     b1
         Refocusing scale at the centre of the image (below 1: stimulated echoes).
     b1_gradient
@@ -528,11 +540,14 @@ def make_spin_echo_phantom(
     -------
     SpinEchoPhantom
     """
+    from .reference import reference_t2
+
     plate = make_phantom((192, 192), field_strength, fov_mm=250.0, layout="plate5")
-    vial_t2 = NIST_T2_3T if field_strength == 3.0 else NIST_T2_1P5T
+    nominal = reference_t2(5, field_strength)
+    vial_t2 = nominal.values
     labels = plate.labels
     t2 = np.zeros(labels.shape, dtype=np.float32)
-    t2[labels == 15] = FILL_T2
+    t2[labels == 15] = nominal.fill
     for sphere in range(1, 15):
         t2[labels == sphere] = vial_t2[sphere - 1]
     nx = labels.shape[-1]
@@ -603,10 +618,10 @@ def write_spin_echo_phantom(
 ) -> SpinEchoPhantom:
     """Write the T1 plate as a multi-echo spin-echo (CPMG) series, one DICOM file per TE.
 
-    The spheres have the plate's nominal T1 and T2 (:data:`NIST_T2_3T` or
-    :data:`NIST_T2_1P5T`); the refocusing pulses are ``b1`` times 180° at the centre, with a
-    10% gradient from left to right, so the echo train carries stimulated echoes. TR is
-    written as 10 s (full recovery).
+    The spheres have the plate's nominal T1 and T2
+    (:func:`qmri_helpers.reference.reference_t2`, version 1, 20 °C); the refocusing pulses
+    are ``b1`` times 180° at the centre, with a 10% gradient from left to right, so the echo
+    train carries stimulated echoes. TR is written as 10 s (full recovery).
 
     Returns
     -------
