@@ -29,6 +29,7 @@ from . import (
     solvers,
     spheres,
     t2_fitting,
+    t2_qa,
     widgets,
 )
 
@@ -50,6 +51,7 @@ __all__ = [
     "spheres",
     "solvers",
     "t2_fitting",
+    "t2_qa",
     "widgets",
 ]
 __version__ = "0.1.0"
