@@ -14,6 +14,7 @@ Each module holds one concern; the notebooks call them in the order of a fit::
 from . import (
     data,
     dicom,
+    exercises,
     export,
     fitting,
     metrics,
@@ -22,12 +23,17 @@ from . import (
     phantom,
     phantom_qa,
     plotting,
+    qa_report,
+    reference,
+    solvers,
+    spheres,
     widgets,
 )
 
 __all__ = [
     "data",
     "dicom",
+    "exercises",
     "export",
     "fitting",
     "metrics",
@@ -36,6 +42,10 @@ __all__ = [
     "phantom",
     "phantom_qa",
     "plotting",
+    "qa_report",
+    "reference",
+    "spheres",
+    "solvers",
     "widgets",
 ]
 __version__ = "0.1.0"
