@@ -14,6 +14,7 @@ Each module holds one concern; the notebooks call them in the order of a fit::
 from . import (
     data,
     dicom,
+    exercises,
     export,
     fitting,
     metrics,
@@ -24,6 +25,7 @@ from . import (
     plotting,
     qa_report,
     reference,
+    solvers,
     spheres,
     widgets,
 )
@@ -31,6 +33,7 @@ from . import (
 __all__ = [
     "data",
     "dicom",
+    "exercises",
     "export",
     "fitting",
     "metrics",
@@ -42,6 +45,7 @@ __all__ = [
     "qa_report",
     "reference",
     "spheres",
+    "solvers",
     "widgets",
 ]
 __version__ = "0.1.0"

@@ -88,11 +88,14 @@ def t1_model_for(header: SeriesHeader) -> models.SeparableModel:
 
     A TR that changes with TI (as on the Siemens sites) needs the TR-aware model
     :func:`~qmri_helpers.models.ir_tr_model`; with one TR the 3-parameter model is exact and
-    equivalent. Magnitude images are fitted with polarity restoration, signed images without.
+    equivalent; it is also the model for a TR the files do not state (NaN), as it needs none.
+    Magnitude images are fitted with polarity restoration, signed images without.
     """
     check_series(header)
     magnitude = not header.signed
-    if header.tr is not None and float(header.tr.max() - header.tr.min()) > 1e-6:
+    known = header.tr[torch.isfinite(header.tr)] if header.tr is not None else None
+    if known is not None and known.numel() and float(known.max() - known.min()) > 1e-6:
+        # TR varies with TI: the TR-aware model, which refuses a TR that is partly unknown
         return models.ir_tr_model(header.ti, header.tr, magnitude=magnitude)
     return models.ir_three_parameter_model(header.ti, magnitude=magnitude)
 
