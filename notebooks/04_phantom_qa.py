@@ -171,6 +171,28 @@ print(
 table
 
 # %% [markdown]
+# ### Exercise 1
+# Which spheres would pass a stricter tolerance, ±0.5% (`STRICT`)? Make `strict_pass`, the
+# list of their sphere numbers, from `table`. Remember what the status column says about the
+# spheres the TIs cannot resolve.
+
+# %%
+STRICT = 0.005
+# Write your code here.
+
+# %% [markdown]
+# ### Solution for Exercise 1
+# Expand the cell below to see one solution.
+
+# %% tags=["solution", "hide-input"] jupyter={"source_hidden": true}
+reliable = table["status"] != "unreliable"
+within = table["vs nominal (%)"].abs() <= STRICT * 100  # the column is in percent
+strict_pass = table.loc[reliable & within, "sphere"].tolist()
+
+# %%
+qh.exercises.check_passing_spheres(strict_pass, table, tolerance=STRICT)
+
+# %% [markdown]
 # ## 5. Agreement with the nominal values
 # The identity plot shows measured against nominal T1 on log axes; the Bland-Altman plot
 # shows the relative difference against the mean, with the bias and the 95% limits of
@@ -181,12 +203,22 @@ fig = qh.phantom_qa.plot_agreement(table, title=f"Measured vs nominal T1: {sourc
 
 # %% [markdown]
 # ## 6. Why measured and nominal T1 differ
-# A difference from nominal is not always a scanner fault:
+# A difference from nominal is not always a scanner fault. The nominal values themselves
+# depend on the field strength:
+
+# %%
+nominal_15, nominal_3 = (qh.phantom_qa.nominal_t1(b0)[:14] for b0 in (1.5, 3.0))
+field_gap = [abs(t3 / t15 - 1) for t15, t3 in zip(nominal_15, nominal_3, strict=True)]
+print(
+    f"Nominal T1, 3 T against 1.5 T, spheres 1-14: {min(field_gap):.1%} to {max(field_gap):.1%} apart"
+)
+
+# %% [markdown]
 #
 # - **Temperature.** The nominal values hold at 20 °C; the T1 of NiCl2 solutions changes by
 #   roughly 1-2% per °C. A phantom that has not settled in a warm scanner room reads off.
 # - **Field strength.** T1 depends on B0: use the table for your field (read here from
-#   MagneticFieldStrength). The 1.5 T and 3 T values differ by 2-4%.
+#   MagneticFieldStrength). The 1.5 T and 3 T values differ by the range printed above.
 # - **The model and the protocol.** With TIs of 50-800 ms and TR = 1 s, the long-T1 spheres
 #   (1 and 2, over 1.4 s) barely recover: their T1 is poorly determined and depends on how the
 #   model treats TR. On hazen's test scans the longest spheres come out 7-16% below nominal on
