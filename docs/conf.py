@@ -11,13 +11,15 @@ The notebooks are not written twice: at each build this file copies every
 - nothing else: the cells tagged ``remove-cell`` (badges, install cell) are dropped by myst-nb.
 
 myst-nb executes the notebooks through jupyter-cache (``build/jupyter_cache``), keyed on the
-code cells, so an unchanged notebook does not run again, and a prose edit only re-renders.
+code cells (and, through the setup cell, on the sources of ``qmri_helpers``), so an unchanged
+notebook does not run again, and a prose edit only re-renders.
 MathJax 2 comes from the ``jupyter-server-mathjax`` package, copied into the site, so the
 equations render with no network.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tomllib
@@ -99,7 +101,13 @@ def _copy_mathjax(app, exception) -> None:
 
 
 # --- the notebooks, copied with the site's changes ----------------------------------------
-SETUP_CELL = (DOCS / "site_setup.py").read_text()
+# jupyter-cache keys on the code cells only; the package's sources go into the setup cell as
+# a digest, so that a change in qmri_helpers runs the notebooks again instead of showing
+# outputs of the old code.
+PACKAGE_DIGEST = hashlib.sha256(
+    b"".join(p.read_bytes() for p in sorted((ROOT / "qmri_helpers").rglob("*.py")))
+).hexdigest()
+SETUP_CELL = (DOCS / "site_setup.py").read_text() + f"# qmri_helpers sources: {PACKAGE_DIGEST}\n"
 
 
 def _site_notebook(source: Path) -> nbformat.NotebookNode:

@@ -303,6 +303,7 @@ def test_site_notebook_page_shows_figures_equations_and_no_error(browser, site, 
     assert shown.count() == figures, f"{script.stem}: {shown.count()} of {figures} figures"
     text = _check_page(page, script.stem)
     assert "Data used:" in text, script.stem
+    assert "Correct." in text, f"{script.stem}: no exercise check passed"
     # The cells tagged remove-cell (badges, install cell, the site's setup) are not shown
     assert "QMRI_TUTORIALS" not in text and not page.locator("a[href*=colab]").count()
     assert not EMOJI.search(text), f"{script.stem}: emoji {EMOJI.findall(text)}"

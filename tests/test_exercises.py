@@ -140,7 +140,10 @@ def qa_table() -> pd.DataFrame:
 
 
 def test_passing_spheres_right_answer(qa_table):
-    assert exercises.check_passing_spheres([4, 2, 1], qa_table, tolerance=0.05).correct
+    feedback = exercises.check_passing_spheres([4, 2, 1], qa_table, tolerance=0.05)
+    assert feedback.correct and "3 spheres within ±5% of nominal" in feedback.message
+    strict = exercises.check_passing_spheres([4], qa_table, tolerance=0.015)
+    assert strict.correct and "1 sphere within ±1.5% of nominal" in strict.message
     assert exercises.check_passing_spheres((1, 2, 3, 4), qa_table, tolerance=0.08).correct
     assert exercises.check_passing_spheres([], qa_table, tolerance=0.005).correct
 
