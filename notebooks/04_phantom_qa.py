@@ -215,6 +215,28 @@ print(
 table.drop(columns="reference")
 
 # %% [markdown]
+# ### Exercise 1
+# Which spheres would pass a stricter tolerance, ±0.5% (`STRICT`)? Make `strict_pass`, the
+# list of their sphere numbers, from `table`. Remember what the status column says about the
+# spheres the TIs cannot resolve.
+
+# %%
+STRICT = 0.005
+# Write your code here.
+
+# %% [markdown]
+# ### Solution for Exercise 1
+# Expand the cell below to see one solution.
+
+# %% tags=["solution", "hide-input"] jupyter={"source_hidden": true}
+reliable = table["status"] != "unreliable"
+within = table["vs nominal (%)"].abs() <= STRICT * 100  # the column is in percent
+strict_pass = table.loc[reliable & within, "sphere"].tolist()
+
+# %%
+qh.exercises.check_passing_spheres(strict_pass, table, tolerance=STRICT)
+
+# %% [markdown]
 # ## 5. Agreement with the nominal values
 # The identity plot shows measured against nominal T1 on log axes; the Bland-Altman plot
 # shows the relative difference against the mean, with the bias and the 95% limits of
