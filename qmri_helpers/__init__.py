@@ -14,6 +14,7 @@ Each module holds one concern; the notebooks call them in the order of a fit::
 from . import (
     data,
     dicom,
+    epg,
     exercises,
     export,
     fitting,
@@ -27,12 +28,15 @@ from . import (
     reference,
     solvers,
     spheres,
+    t2_fitting,
+    t2_qa,
     widgets,
 )
 
 __all__ = [
     "data",
     "dicom",
+    "epg",
     "exercises",
     "export",
     "fitting",
@@ -46,6 +50,8 @@ __all__ = [
     "reference",
     "spheres",
     "solvers",
+    "t2_fitting",
+    "t2_qa",
     "widgets",
 ]
 __version__ = "0.1.0"
