@@ -244,7 +244,7 @@ def _robust_top(array: np.ndarray, vmax: float | None) -> float:
     positive = array[array > 0]
     if positive.size == 0:
         return 1.0
-    fence = 2.0 * float(np.percentile(positive, 99))
+    fence = 2.0 * float(np.percentile(positive, 99, method="lower"))  # a value of the map
     return float(positive[positive <= fence].max())
 
 
@@ -350,7 +350,7 @@ def to_dicom(
     if (array < 0).any():
         raise ValueError(f"the {name} map has negative values: DICOM export stores uint16")
     top = _robust_top(array, None if vmax is None else vmax * scale)
-    slope_text = f"{top / _UINT16_TOP:.10g}"
+    slope_text = f"{top / _UINT16_TOP * (1 + 1e-9):.10g}"  # rounded up: 65535 steps reach top
     slope = float(slope_text)
     clipped = array > top
     n_clipped = int(clipped.sum())

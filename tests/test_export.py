@@ -334,3 +334,15 @@ def test_multi_frame_geometry_comes_from_the_functional_groups(multislice, multi
     assert referenced.SeriesInstanceUID == source.SeriesInstanceUID
     with pytest.raises(ValueError, match="multi-frame.*to_parametric_map"):
         export.to_dicom(t1, multi_frame, tmp_path / "dcm")
+
+
+def test_the_robust_top_holds_for_a_map_of_few_voxels(multislice, tmp_path):
+    header, t1 = multislice
+    sparse = torch.zeros_like(t1)
+    sparse[0, 5, 5:25] = torch.linspace(0.1, 2.0, 20)  # 20 fitted voxels, s
+    sparse[2, 40, 30] = 1e6
+    with pytest.warns(export.ExportWarning, match=r"1 voxel .*clipped"):
+        back = _read_back(export.to_dicom(sparse, header, tmp_path / "dcm"))
+    kept = sparse[0, 5, 5:25].double().numpy() * 1000
+    np.testing.assert_allclose(back[0, 5, 5:25], kept, rtol=1e-3)
+    assert (back[sparse.numpy() == 0] == 0).all()
