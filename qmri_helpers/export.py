@@ -640,6 +640,7 @@ def to_bids(
     files = (
         header.files if isinstance(header, NiftiHeader) else [f for c in header.files for f in c]
     )
+    files = list(dict.fromkeys(files))  # one multi-frame file holds every slice and contrast
     sources = bids.source_uris(files, derivative, links)
     bids.write_dataset_description(derivative, version, links, source_datasets, _code_url())
     reference = reference or f"{bids.PIPELINE} {version} (qmri_helpers), {_code_url() or ''}"
