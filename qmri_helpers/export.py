@@ -576,7 +576,9 @@ def to_bids(
     ``Units``, ``EstimationAlgorithm``, ``EstimationReference``, ``Sources`` as BIDS URIs, the
     constant acquisition parameters and, as arrays in s, those that vary). The derivative
     folder gets ``dataset_description.json`` (``"DatasetType": "derivative"``, ``GeneratedBy``,
-    ``DatasetLinks`` for the sources) and a README. The result passes the BIDS validator.
+    ``DatasetLinks`` for the sources) and a README. The result passes the BIDS validator
+    (``bids-validator-deno``), with :data:`qmri_helpers.bids.VALIDATOR_CONFIG` for the one
+    conflict inside the specification (``InversionTime`` as an array).
 
     Parameters
     ----------
@@ -633,10 +635,7 @@ def to_bids(
         raise FileExistsError(f"{existing[0]} exists: pass overwrite=True to replace the maps")
     derivative = bids.derivative_root(root)
     version = _package_version()
-    links: dict[str, str] = {}
-    description = derivative / "dataset_description.json"
-    if description.exists():
-        links = dict(json.loads(description.read_text()).get("DatasetLinks", {}))
+    links = dict(bids.read_description(derivative).get("DatasetLinks", {}))
     files = (
         header.files if isinstance(header, NiftiHeader) else [f for c in header.files for f in c]
     )

@@ -158,6 +158,10 @@ def test_bad_requests_are_refused(ir_root, tmp_path):
     )
     with pytest.raises(FileExistsError, match="not written by qmri-tutorials"):
         export.to_bids({"t1": t1}, header, tmp_path, "01", algorithm=ALGORITHM)
+    (foreign / "dataset_description.json").write_text("{")
+    with pytest.raises(ValueError, match="dataset_description.json is not valid JSON"):
+        export.to_bids({"t1": t1}, header, tmp_path, "01", algorithm=ALGORITHM)
+    assert [p.name for p in foreign.iterdir()] == ["dataset_description.json"]
 
 
 def test_hazen_philips_t1_derivative_validates(hazen, tmp_path):
