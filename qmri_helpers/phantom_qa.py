@@ -171,6 +171,8 @@ def choose_plate(
         When no plate's table fits (both more than about 22% off), or when the named plate
         fits clearly worse than the other one: the message gives both mismatches.
     """
+    if plate is not None and plate not in references:
+        raise ValueError(f"{where}: plate must be None, 4 or 5, got {plate!r}")
     measured = np.asarray(medians, float)
     spheres = tuple(
         i + 1 for i in range(14) if all(usable(r[i]) for r in references.values())
@@ -325,6 +327,8 @@ def run_t1_qa(
         spheres orders as the plate does (:class:`~qmri_helpers.spheres.OrientationError`),
         fits neither plate, or contradicts the plate named. Every message names the folder.
     """
+    if plate not in (None, *PLATES):
+        raise ValueError(f"{folder}: plate must be None, 4 or 5, got {plate!r}")
     images, header = dicom.load_series(folder)
     where = Path(folder)
     check_series(header)
