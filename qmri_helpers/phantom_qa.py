@@ -226,7 +226,8 @@ class QAResult:
         Per-voxel maps of the slice (T1 in s) with goodness of fit and Cramér-Rao SD; only
         voxels with signal (:func:`~qmri_helpers.fitting.signal_mask`) are fitted.
     table
-        Per-sphere results (see :func:`~qmri_helpers.qa_report.sphere_table`).
+        Per-sphere results (see :func:`~qmri_helpers.qa_report.sphere_table`); its ``attrs``
+        also hold the plate choice, the orientation and the labelling's confidence.
     plate
         The plate that was used, 4 or 5.
     reference
@@ -364,6 +365,10 @@ def run_t1_qa(
     table = sphere_table(
         t1_map, sd_map, spheres, header, tolerance=tolerance, reference_ms=reference_ms,
         reference_name=reference_name, max_relative_sd=max_relative_sd, nominal=reference,
+    )  # fmt: skip
+    table.attrs.update(
+        plate_choice=choice.summary, orientation=spheres.orientation,
+        rank_correlation=spheres.rank_correlation, margin=spheres.margin,
     )  # fmt: skip
     return QAResult(
         slice_images, header, spheres, model, fit, table, choice.plate, reference, choice

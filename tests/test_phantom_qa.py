@@ -45,6 +45,8 @@ def test_embedded_plate5_t1_matches_the_truth_and_flags_short_spheres(plate5):
     assert table.note[11].startswith("T1 below the shortest TI")
     assert "nominal 1.5 T (ms)" in table.columns
     assert qa.plate == 5 and qa.plate_choice.detected
+    assert table.attrs["orientation"] == "rotated +0 deg, not mirrored"
+    assert table.attrs["margin"] > 0.15 and table.attrs["rank_correlation"] < -0.95
     assert set(table.reference) == {"plate 5, version 1 (assumed), 20 °C (assumed), 1.5 T"}
 
 
