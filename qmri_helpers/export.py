@@ -17,6 +17,7 @@ top, counts them and warns, so that one runaway voxel cannot flatten the rest of
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -32,9 +33,18 @@ import torch
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from .dicom import SeriesHeader
+from . import bids
+from .dicom import SeriesHeader, _Image
+from .nifti import NiftiHeader
 
-__all__ = ["ExportWarning", "dicom_affine", "to_nifti", "to_dicom", "to_parametric_map"]
+__all__ = [
+    "ExportWarning",
+    "dicom_affine",
+    "to_nifti",
+    "to_dicom",
+    "to_parametric_map",
+    "to_bids",
+]
 
 #: DICOM's patient axes (LPS) to NIfTI's (RAS).
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -80,50 +90,89 @@ class ExportWarning(UserWarning):
     """An export that changed values to store them (clipped outliers), with the count."""
 
 
+class _Plane:
+    """Where one slice of the first contrast lies (position, orientation, spacing).
+
+    From the file's attributes or, for a frame of a multi-frame file, from its functional
+    groups (the frame's, then the shared ones).
+    """
+
+    def __init__(self, header: SeriesHeader, index: int, cache: dict[Path, pydicom.Dataset]):
+        path = header.files[0][index]
+        frame = header.frames[0][index] if header.frames else None
+        if path not in cache:
+            cache[path] = pydicom.dcmread(path, stop_before_pixels=True)
+        self.ds = cache[path]
+        self.frame = frame
+        image = _Image(path, self.ds, None if frame is None else frame - 1)
+        self.position = np.asarray(image.get("ImagePositionPatient") or [0, 0, 0], float)
+        orientation = image.get("ImageOrientationPatient") or [1, 0, 0, 0, 1, 0]
+        self.orientation = np.asarray(orientation, float)
+        self.spacing = tuple(float(v) for v in (image.get("PixelSpacing") or [1.0, 1.0]))
+        thickness = image.get("SliceThickness")
+        self.thickness = float(thickness) if thickness not in (None, "") else None
+
+
+def _planes(header: SeriesHeader) -> list[_Plane]:
+    cache: dict[Path, pydicom.Dataset] = {}
+    return [_Plane(header, k, cache) for k in range(len(header.files[0]))]
+
+
 def dicom_affine(header: SeriesHeader) -> np.ndarray:
     """The NIfTI (RAS, mm) affine of the series' voxels, indexed ``(column, row, slice)``.
 
     Built from ImagePositionPatient, ImageOrientationPatient and PixelSpacing of the first
-    contrast's files; the slice direction is the step between the first and last slice, or
-    the normal times SliceThickness for a single slice.
+    contrast's slices (for a multi-frame file, from each frame's functional groups); the
+    slice direction is the step between the first and last slice, or the normal times
+    SliceThickness for a single slice.
     """
-    first = pydicom.dcmread(header.files[0][0], stop_before_pixels=True)
-    orientation = np.asarray(first.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), float)
-    row_cosine, column_cosine = orientation[:3], orientation[3:]
-    row_spacing, column_spacing = (float(v) for v in first.get("PixelSpacing", [1.0, 1.0]))
-    origin = np.asarray(first.get("ImagePositionPatient", [0, 0, 0]), float)
+    planes = _planes(header)
+    first, last = planes[0], planes[-1]
+    row_cosine, column_cosine = first.orientation[:3], first.orientation[3:]
+    row_spacing, column_spacing = first.spacing
     normal = np.cross(row_cosine, column_cosine)
-    n_slices = len(header.files[0])
-    if n_slices > 1:
-        last = pydicom.dcmread(header.files[0][-1], stop_before_pixels=True)
-        step = (np.asarray(last.ImagePositionPatient, float) - origin) / (n_slices - 1)
+    if len(planes) > 1:
+        step = (last.position - first.position) / (len(planes) - 1)
     else:
-        step = normal * float(first.get("SliceThickness", 1.0) or 1.0)
+        step = normal * (first.thickness or 1.0)
     affine = np.eye(4)
     affine[:3, 0] = row_cosine * column_spacing  # along a row: the column index
     affine[:3, 1] = column_cosine * row_spacing  # down a column: the row index
     affine[:3, 2] = step
-    affine[:3, 3] = origin
+    affine[:3, 3] = first.position
     return _LPS_TO_RAS @ affine
 
 
-def _numpy_map(values: torch.Tensor | np.ndarray, header: SeriesHeader) -> np.ndarray:
+def _numpy_map(values: torch.Tensor | np.ndarray, header: SeriesHeader | NiftiHeader) -> np.ndarray:
     """The map as float32 ``(z, y, x)``, checked against the series it is to be stored with."""
     array = np.asarray(torch.as_tensor(values).detach().cpu(), dtype=np.float32)
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3:
         raise ValueError(f"a map must have shape (z, y, x) or (y, x), got {array.shape}")
-    first = pydicom.dcmread(header.files[0][0], stop_before_pixels=True)
-    expected = (len(header.files[0]), int(first.Rows), int(first.Columns))
+    if isinstance(header, NiftiHeader):
+        x, y, z = nib.load(header.files[0]).shape[:3]
+        expected, source = (z, y, x), header.files[0]
+    else:
+        first = pydicom.dcmread(header.files[0][0], stop_before_pixels=True)
+        expected = (len(header.files[0]), int(first.Rows), int(first.Columns))
+        source = header.files[0][0].parent
     if array.shape != expected:
         raise ValueError(
             f"the map has shape {array.shape} (slices, rows, columns) but the series "
-            f"{header.files[0][0].parent} has {expected}"
+            f"{source} has {expected}"
         )
     if not np.isfinite(array).all():
         raise ValueError("the map holds NaN or inf: mask failed voxels (set them to 0) first")
     return array
+
+
+def _dicom_only(header: SeriesHeader | NiftiHeader, what: str) -> None:
+    if not isinstance(header, SeriesHeader):
+        raise TypeError(
+            f"{what} needs the header of a DICOM series (dicom.load_series), got "
+            f"{type(header).__name__}: write NIfTI (to_nifti, to_bids) instead"
+        )
 
 
 def _check_name(name: str, folder: Path) -> None:
@@ -137,7 +186,7 @@ def _check_name(name: str, folder: Path) -> None:
 
 def to_nifti(
     values: torch.Tensor | np.ndarray,
-    header: SeriesHeader,
+    header: SeriesHeader | NiftiHeader,
     path: str | Path,
     description: str = "",
 ) -> Path:
@@ -148,7 +197,9 @@ def to_nifti(
     values
         The map, in the units you want stored (e.g. T1 in s).
     header
-        The header of the series the map was fitted from (:func:`~qmri_helpers.dicom.load_series`).
+        The header of the series the map was fitted from: DICOM
+        (:func:`~qmri_helpers.dicom.load_series`; the affine is :func:`dicom_affine`) or NIfTI
+        (:func:`~qmri_helpers.nifti.load_nifti_series`; its affine is kept).
     path
         Output file, ``.nii`` or ``.nii.gz``; a name without either gets ``.nii`` (as nibabel
         does). An existing folder is refused.
@@ -169,7 +220,8 @@ def to_nifti(
     if not path.name.endswith((".nii", ".nii.gz")):
         path = path.with_name(path.name + ".nii")
     array = _numpy_map(values, header)
-    image = nib.Nifti1Image(np.transpose(array, (2, 1, 0)), dicom_affine(header))
+    affine = header.affine if isinstance(header, NiftiHeader) else dicom_affine(header)
+    image = nib.Nifti1Image(np.transpose(array, (2, 1, 0)), affine)
     image.header.set_xyzt_units(xyz="mm", t="sec")
     image.header["descrip"] = description[:79].encode()
     image.set_qform(image.affine, code=1)
@@ -192,7 +244,7 @@ def _robust_top(array: np.ndarray, vmax: float | None) -> float:
     positive = array[array > 0]
     if positive.size == 0:
         return 1.0
-    fence = 2.0 * float(np.percentile(positive, 99))
+    fence = 2.0 * float(np.percentile(positive, 99, method="lower"))  # a value of the map
     return float(positive[positive <= fence].max())
 
 
@@ -287,12 +339,18 @@ def to_dicom(
         The files written, in slice order.
     """
     folder = Path(folder)
+    _dicom_only(header, "to_dicom")
+    if any(header.frames[0] if header.frames else []):
+        raise ValueError(
+            f"{header.files[0][0]} is a multi-frame (enhanced) file: to_dicom copies one "
+            "single-frame file per slice; write to_parametric_map or to_nifti instead"
+        )
     _check_name(name, folder)
     array = _numpy_map(values, header).astype(np.float64) * scale
     if (array < 0).any():
         raise ValueError(f"the {name} map has negative values: DICOM export stores uint16")
     top = _robust_top(array, None if vmax is None else vmax * scale)
-    slope_text = f"{top / _UINT16_TOP:.10g}"
+    slope_text = f"{top / _UINT16_TOP * (1 + 1e-9):.10g}"  # rounded up: 65535 steps reach top
     slope = float(slope_text)
     clipped = array > top
     n_clipped = int(clipped.sum())
@@ -365,7 +423,7 @@ def _write_slices(
     return paths
 
 
-def package_version() -> str:
+def _package_version() -> str:
     """The installed version of qmri-tutorials ("unknown" when run from a bare checkout)."""
     try:
         return metadata.version("qmri-tutorials")
@@ -418,6 +476,7 @@ def to_parametric_map(
         The file written.
     """
     path = Path(path)
+    _dicom_only(header, "to_parametric_map")
     _check_name(name, path.parent)
     if unit not in _UCUM:
         raise ValueError(f"unit {unit!r} is not one of {sorted(_UCUM)} (UCUM units)")
@@ -426,11 +485,28 @@ def to_parametric_map(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
     array = (_numpy_map(values, header).astype(np.float64) * scale).astype(np.float32)
-    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in header.files[0]]
+    planes = _planes(header)
+    sources = list({id(plane.ds): plane.ds for plane in planes}.values())
     for ds in sources:
         for keyword in _PATIENT_STUDY:
             if keyword not in ds:
                 setattr(ds, keyword, "")
+    between = (
+        float(np.linalg.norm(planes[-1].position - planes[0].position)) / (len(planes) - 1)
+        if len(planes) > 1
+        else None
+    )
+    geometry = {  # explicit, so that a multi-frame source (contrasts x slices) works too
+        "plane_positions": [
+            hd.PlanePositionSequence("PATIENT", plane.position.tolist()) for plane in planes
+        ],
+        "plane_orientation": hd.PlaneOrientationSequence("PATIENT", planes[0].orientation.tolist()),
+        "pixel_measures": hd.PixelMeasuresSequence(
+            pixel_spacing=list(planes[0].spacing),
+            slice_thickness=planes[0].thickness or between or 1.0,
+            spacing_between_slices=between,
+        ),
+    }
     mapping = hd.pm.RealWorldValueMapping(
         lut_label=name[:16],
         lut_explanation=f"{name} ({unit})",
@@ -457,11 +533,12 @@ def to_parametric_map(
             instance_number=1,
             manufacturer="qmri-tutorials",
             manufacturer_model_name="qmri_helpers",
-            software_versions=package_version(),
+            software_versions=_package_version(),
             device_serial_number="none",
             contains_recognizable_visual_features=recognizable,
             real_world_value_mappings=[mapping],
             voi_lut_transformations=[window],
+            **geometry,
             content_label=f"{name.upper()[:12]}MAP",
             content_description=f"{name} map ({unit}), {_MARK}",
             series_description=f"{name} map ({unit}), {_MARK} parametric map",
@@ -469,3 +546,110 @@ def to_parametric_map(
     path.parent.mkdir(parents=True, exist_ok=True)
     pmap.save_as(path)
     return path
+
+
+def _code_url() -> str | None:
+    try:
+        urls = metadata.metadata("qmri-tutorials").get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        return None
+    return next((u.split(",", 1)[1].strip() for u in urls if u.startswith("Repository")), None)
+
+
+def to_bids(
+    maps: dict[str, torch.Tensor | np.ndarray],
+    header: SeriesHeader | NiftiHeader,
+    root: str | Path,
+    subject: str,
+    session: str | None = None,
+    *,
+    algorithm: str,
+    reference: str | None = None,
+    rates: tuple[str, ...] = (),
+    source_datasets: tuple[dict, ...] = (),
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    r"""Write maps as a BIDS qMRI derivative under ``root/derivatives/qmri-tutorials``.
+
+    Each map becomes ``sub-<subject>[_ses-<session>]_<suffix>.nii.gz`` in ``anat/`` with the
+    source's geometry (:func:`to_nifti`) and a JSON sidecar (:func:`qmri_helpers.bids.sidecar`:
+    ``Units``, ``EstimationAlgorithm``, ``EstimationReference``, ``Sources`` as BIDS URIs, the
+    constant acquisition parameters and, as arrays in s, those that vary). The derivative
+    folder gets ``dataset_description.json`` (``"DatasetType": "derivative"``, ``GeneratedBy``,
+    ``DatasetLinks`` for the sources) and a README. The result passes the BIDS validator
+    (``bids-validator-deno``), with :data:`qmri_helpers.bids.VALIDATOR_CONFIG` for the one
+    conflict inside the specification (``InversionTime`` as an array).
+
+    Parameters
+    ----------
+    maps
+        Maps ``(z, y, x)`` by the fit's parameter names, ``"t1"``, ``"t2star"``, ``"m0"``,
+        ``"r1"``, ``"r2star"`` (e.g. ``result.params``), or by BIDS suffix (``"T1map"`` ...).
+        Times in s, rates in 1/s, M0 in the data's arbitrary unit; other keys are refused.
+    header
+        The header of the series the maps were fitted from (DICOM or NIfTI).
+    root
+        The BIDS dataset's root folder; the derivative goes in ``derivatives/qmri-tutorials``.
+    subject, session
+        BIDS labels (letters and digits, without ``sub-``/``ses-``); no session by default.
+    algorithm
+        How the maps were estimated, e.g. ``"fit_lm: VarPro + Levenberg-Marquardt, |a + b
+        exp(-TI/T1)|"``: the package cannot know which fit you ran.
+    reference
+        The method's reference (a paper, a DOI); by default the package and its version.
+    rates
+        Rate maps to add as the inverse of a time map: ``"R1map"`` (1/T1), ``"R2starmap"``
+        (1/T2*), in 1/s; 0 where the time is 0 (a failed fit).
+    source_datasets
+        ``SourceDatasets`` entries for the description, e.g. ``{"DOI": "doi:10.5281/..."}``.
+    overwrite
+        Replace maps of the same subject, session and suffix instead of refusing.
+
+    Returns
+    -------
+    dict of str to pathlib.Path
+        The NIfTI file of each map, by BIDS suffix.
+    """
+    by_suffix: dict[str, np.ndarray] = {}
+    parameters = {name: suffix for suffix, (_, name) in bids.SUFFIXES.items()}
+    for key, value in maps.items():
+        suffix = parameters.get(key, key)
+        if suffix not in bids.SUFFIXES:
+            raise ValueError(
+                f"map {key!r} has no BIDS name: use one of {sorted(parameters)} "
+                f"or {sorted(bids.SUFFIXES)}"
+            )
+        by_suffix[suffix] = _numpy_map(value, header)
+    for rate in rates:
+        if rate not in bids.RATES:
+            raise ValueError(f"rates: {rate!r} is not one of {sorted(bids.RATES)}")
+        time = by_suffix.get(bids.RATES[rate])
+        if time is None:
+            raise ValueError(f"{rate} is 1/{bids.RATES[rate]}, but maps has no {bids.RATES[rate]}")
+        by_suffix[rate] = np.where(time > 0, 1 / np.where(time > 0, time, 1), 0).astype(np.float32)
+    if not by_suffix:
+        raise ValueError("maps is empty: nothing to write")
+    paths = {s: bids.map_path(root, subject, session, s) for s in by_suffix}
+    existing = [p for p in paths.values() if p.exists() or _sidecar_path(p).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists: pass overwrite=True to replace the maps")
+    derivative = bids.derivative_root(root)
+    version = _package_version()
+    links = dict(bids.read_description(derivative).get("DatasetLinks", {}))
+    files = (
+        header.files if isinstance(header, NiftiHeader) else [f for c in header.files for f in c]
+    )
+    files = list(dict.fromkeys(files))  # one multi-frame file holds every slice and contrast
+    sources = bids.source_uris(files, derivative, links)
+    bids.write_dataset_description(derivative, version, links, source_datasets, _code_url())
+    reference = reference or f"{bids.PIPELINE} {version} (qmri_helpers), {_code_url() or ''}"
+    for suffix, path in paths.items():
+        units = bids.SUFFIXES[suffix][0]
+        to_nifti(by_suffix[suffix], header, path, description=f"{suffix} ({units})")
+        content = bids.sidecar(suffix, header, sources, algorithm, reference.rstrip(", "))
+        _sidecar_path(path).write_text(json.dumps(content, indent=2) + "\n")
+    return paths
+
+
+def _sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".nii.gz") + ".json")

@@ -272,18 +272,20 @@ def _pack(
     """Scatter per-voxel values back into maps of ``shape``; 0 where not ok or not fitted."""
     maps = {}
     for name, value in values.items():
-        full = torch.zeros(mask_flat.numel(), dtype=dtype)
+        # built on the fit's device, then moved to the CPU once
+        full = torch.zeros(mask_flat.numel(), dtype=dtype, device=value.device)
         clean = torch.where(ok & torch.isfinite(value), value, torch.zeros_like(value))
-        full[mask_flat.cpu()] = clean.cpu().to(dtype)
-        maps[name] = full.reshape(shape)
+        full[mask_flat.to(value.device)] = clean.to(dtype)
+        maps[name] = full.reshape(shape).cpu()
     return maps
 
 
 def _result(
     shape, mask_flat, ok, params, residual_norm, r_squared, sd_unit, sigma, history, device, dtype
 ) -> FitResult:
-    valid = torch.zeros(mask_flat.numel(), dtype=torch.bool)
-    valid[mask_flat.cpu()] = ok.cpu()
+    valid = torch.zeros(mask_flat.numel(), dtype=torch.bool, device=ok.device)
+    valid[mask_flat.to(ok.device)] = ok
+    valid = valid.cpu()
     sd = {k: v * sigma for k, v in sd_unit.items()}
     return FitResult(
         params=_pack(shape, mask_flat, ok, params, dtype),

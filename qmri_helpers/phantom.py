@@ -13,10 +13,12 @@ asks.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -36,6 +38,7 @@ __all__ = [
     "write_multi_echo_phantom",
     "write_plate5_phantom",
     "write_plate4_phantom",
+    "write_transformed_copy",
     "SPIN_ECHO_TE",
     "SpinEchoPhantom",
     "make_spin_echo_phantom",
@@ -482,6 +485,47 @@ def write_plate4_phantom(
         folder, ti=PLATE5_TI, tr=1.0, te=0.01, snr=snr, shape=(192, 192),
         field_strength=field_strength, seed=seed, fov_mm=250.0, layout="plate4",
     )  # fmt: skip
+
+
+def write_transformed_copy(
+    source: str | Path, target: str | Path, transform: Callable[[np.ndarray], np.ndarray]
+) -> Path:
+    """Copy a folder of single-frame DICOM files, changing only their pixel data.
+
+    Every file is read with pydicom, its image replaced by ``transform(image)`` (e.g.
+    ``np.fliplr`` for a mirrored copy, ``np.rot90`` for one turned by 90 deg) and written
+    under the same name in ``target``; all other tags stay as the scanner wrote them. For
+    teaching and testing what orientation does to an analysis.
+
+    Raises
+    ------
+    ValueError
+        When ``transform`` changes the image's shape (Rows and Columns would then lie), a
+        file is compressed or multi-frame, or ``target`` holds other files.
+    """
+    source, target = Path(source), Path(target)
+    files = sorted(p for p in source.iterdir() if p.is_file())
+    target.mkdir(parents=True, exist_ok=True)
+    others = {p.name for p in target.iterdir()} - {p.name for p in files}
+    if others:
+        raise ValueError(
+            f"{target} holds other files ({sorted(others)[:3]}...): write the copy to an "
+            "empty folder, so that it holds one series"
+        )
+    for path in files:
+        ds = pydicom.dcmread(path)
+        if ds.file_meta.TransferSyntaxUID.is_compressed or int(ds.get("NumberOfFrames", 1)) > 1:
+            raise ValueError(f"{path}: only uncompressed single-frame files are supported")
+        pixels = ds.pixel_array
+        changed = np.ascontiguousarray(transform(pixels), dtype=pixels.dtype)
+        if changed.shape != pixels.shape:
+            raise ValueError(
+                f"{path}: the transform changed the image from {pixels.shape} to "
+                f"{changed.shape}; only shape-preserving transforms are supported"
+            )
+        ds.PixelData = changed.tobytes()
+        ds.save_as(target / path.name)
+    return target
 
 
 # --- Multi-echo spin echo (CPMG): T2 with imperfect refocusing, simulated by EPG -----------
