@@ -30,10 +30,7 @@ in chunks sized for that device, and return a :class:`~qmri_helpers.fitting.FitR
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-from collections.abc import Iterator
 
 import torch
 from tqdm.auto import trange
@@ -45,10 +42,11 @@ from .fitting import (
     _flushing_denormals,
     _goodness,
     _result,
+    thread_policy,
 )
 from .models import SeparableModel
 
-__all__ = ["CHUNK_BYTES", "chunk_voxels", "fit_lm", "fit_varpro", "thread_policy"]
+__all__ = ["CHUNK_BYTES", "chunk_voxels", "fit_lm", "fit_varpro"]
 
 #: Working memory of one chunk of voxels, per device type (bytes). On a CPU small chunks stay
 #: in cache and spare page faults; a GPU is launch-bound, so it takes as much as fits.
@@ -70,37 +68,6 @@ def chunk_voxels(device: torch.device, bytes_per_voxel: int) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(budget, free // 4)
     return max(1024, int(budget // max(1, bytes_per_voxel)))
-
-
-def _machine_busy() -> bool:
-    """True when other processes keep the CPU cores busy (1-minute load >= cores - 0.5)."""
-    try:
-        return os.getloadavg()[0] >= (os.cpu_count() or 1) - 0.5
-    except OSError:  # not available on this platform
-        return False
-
-
-@contextlib.contextmanager
-def thread_policy(device: torch.device, elements: int) -> Iterator[int]:
-    """Threads for a block of small element-wise operations on the CPU.
-
-    Torch splits an element-wise operation over all its threads from about 32k elements on.
-    When another process keeps the cores busy, every split waits for a descheduled thread,
-    and a loop of small operations runs 10-20 times slower than on one thread. Inside this
-    block torch uses one thread when the machine is busy or the tensors are small
-    (``elements`` < 2**20), else its default; the default comes back afterwards.
-    """
-    before = torch.get_num_threads()
-    wanted = before
-    if device.type == "cpu" and (elements < 2**20 or _machine_busy()):
-        wanted = 1
-    if wanted != before:
-        torch.set_num_threads(wanted)
-    try:
-        yield wanted
-    finally:
-        if wanted != before:
-            torch.set_num_threads(before)
 
 
 # --- sign patterns of magnitude data ---------------------------------------------------------
@@ -371,7 +338,7 @@ def _fit_chunk(
         cols = torch.nonzero(keep)[:, 0]
     else:
         cols = torch.arange(ys.shape[1], device=y.device)
-    with thread_policy(y.device, cols.numel() * n):
+    with thread_policy(y.device, cols.numel() * n, small=2**20):
         u, cost, c, _ = _refine(
             model, ys[:, cols], us[cols], model.bounds, max_iter, tol, history, n_voxels
         )
