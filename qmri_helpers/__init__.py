@@ -12,8 +12,11 @@ Each module holds one concern; the notebooks call them in the order of a fit::
 """
 
 from . import (
+    bids,
     data,
     dicom,
+    epg,
+    exercises,
     export,
     fitting,
     metrics,
@@ -22,13 +25,21 @@ from . import (
     phantom,
     phantom_qa,
     plotting,
+    qa_report,
+    reference,
     solvers,
+    spheres,
+    t2_fitting,
+    t2_qa,
     widgets,
 )
 
 __all__ = [
+    "bids",
     "data",
     "dicom",
+    "epg",
+    "exercises",
     "export",
     "fitting",
     "metrics",
@@ -37,7 +48,12 @@ __all__ = [
     "phantom",
     "phantom_qa",
     "plotting",
+    "qa_report",
+    "reference",
+    "spheres",
     "solvers",
+    "t2_fitting",
+    "t2_qa",
     "widgets",
 ]
 __version__ = "0.1.0"

@@ -503,3 +503,4 @@ def fit_adam(
 # The exact solvers live in their own module; they build on the pieces above, so they are
 # imported last (``qmri_helpers/__init__`` imports this module first).
 from .solvers import fit_lm, fit_varpro  # noqa: E402
+from .t2_fitting import fit_epg as fit_epg  # noqa: E402  (EPG T2/B1 fit: own module, same FitResult)

@@ -8,6 +8,7 @@ Times are in seconds. Parameter maps of shape ``(...)`` give signals of shape
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ __all__ = [
     "ir_tr_model",
     "ir_hazen_model",
     "mono_exp_model",
+    "epg_cpmg_model",
 ]
 
 SignalModel = Callable[..., torch.Tensor]
@@ -243,6 +245,18 @@ def ir_three_parameter_model(ti: torch.Tensor, magnitude: bool = True) -> Separa
     )  # fmt: skip
 
 
+def _known_tr(tr: torch.Tensor | float, ti: torch.Tensor) -> torch.Tensor:
+    """TR per TI (s); refuse an unknown TR (NaN, as a loader reports a missing RepetitionTime)."""
+    tr = torch.broadcast_to(torch.as_tensor(tr, dtype=ti.dtype), ti.shape)
+    if not torch.isfinite(tr).all():
+        raise ValueError(
+            f"TR is unknown (NaN) or not finite for {int((~torch.isfinite(tr)).sum())} of "
+            f"{tr.numel()} TIs ({tr.tolist()} s): this model needs TR. The files lack "
+            "RepetitionTime (see header.notes); fit ir_three_parameter_model, which needs no TR"
+        )
+    return tr
+
+
 def ir_tr_model(
     ti: torch.Tensor, tr: torch.Tensor | float, magnitude: bool = True
 ) -> SeparableModel:
@@ -254,7 +268,7 @@ def ir_tr_model(
     :math:`1 - e^{-TR/T_1}` and :math:`e^{-TR/T_1} - e^{-TI/T_1}`.
     """
     ti = torch.as_tensor(ti)
-    tr = torch.broadcast_to(torch.as_tensor(tr, dtype=ti.dtype), ti.shape)
+    tr = _known_tr(tr, ti)
 
     def basis(tau):
         e_ti, de_ti = _decay(ti, tau)
@@ -297,7 +311,7 @@ def ir_hazen_model(
     constant TR it gives the same T1 as :func:`ir_tr_model`.
     """
     ti = torch.as_tensor(ti)
-    tr = torch.broadcast_to(torch.as_tensor(tr, dtype=ti.dtype), ti.shape)
+    tr = _known_tr(tr, ti)
 
     def basis(tau):
         e_ti, de_ti = _decay(ti, tau)
@@ -311,3 +325,48 @@ def ir_hazen_model(
         "IR S0 (1 - a1 exp(-TI/T1) + exp(-TR/T1)) (hazen)", ("s0", "s0a1"), "t1", ti, basis,
         magnitude, (1e-3, 10.0), derive, polarity=magnitude,
     )  # fmt: skip
+
+
+# --- EPG: the multi-echo spin-echo (CPMG) train with imperfect refocusing ------------------
+
+
+def epg_cpmg_model(
+    te: torch.Tensor, t1: torch.Tensor | float = 1.0, refocusing: float = math.pi
+) -> SignalModel:
+    r"""Return the CPMG echo-train model for the echo times ``te`` (s): ``model(m0=, t2=, b1=)``.
+
+    .. math::
+
+        S_n = M_0\, \mathrm{EPG}_n(T_2, B_1; T_1, ESP), \qquad TE_n = n \cdot ESP,
+
+    where :math:`\mathrm{EPG}_n` is the amplitude of echo :math:`n` of the extended phase
+    graph (:func:`qmri_helpers.epg.cpmg_signal`): an ideal 90° excitation, then refocusing
+    pulses of flip angle :math:`B_1 \cdot` ``refocusing`` every ESP. For :math:`B_1 = 1` and a
+    180° pulse it is :math:`M_0 e^{-TE_n/T_2}`; for :math:`B_1 < 1` stimulated echoes add to the
+    spin echoes.
+
+    Parameters
+    ----------
+    te
+        Echo times in s, shape ``(n,)``: every echo of a CPMG train, ``TE_n = n * ESP``.
+    t1
+        Longitudinal relaxation time in s (a number or a map ``(...)``): how fast the stored
+        states decay.
+    refocusing
+        Nominal refocusing flip angle in radians.
+
+    Returns
+    -------
+    SignalModel
+        ``model(m0, t2, b1)`` with maps of shape ``(...)`` (M0 in a.u., T2 in s, B1 the
+        dimensionless scale of the flip angle) giving echoes of shape ``(n, ...)``.
+    """
+    from .epg import cpmg_echo_spacing, cpmg_signal  # the recursion lives in its own module
+
+    esp = cpmg_echo_spacing(te)
+    n_echoes = int(torch.as_tensor(te).numel())
+
+    def model(m0: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
+        return m0 * cpmg_signal(t2, b1, esp, n_echoes, t1=t1, refocusing=refocusing)
+
+    return model
