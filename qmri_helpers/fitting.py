@@ -5,13 +5,25 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import einops
 import torch
 from tqdm.auto import trange
 
 from .models import SeparableModel, SignalModel, mse
+from .validation import (
+    FAILURE_REASONS,
+    at_bound,
+    check_data,
+    check_mask,
+    check_times,
+    count_failures,
+    sort_model_times,
+    voxel_status,
+    warn_not_finite,
+    working_dtype,
+)
 
 __all__ = [
     "FitResult",
@@ -57,15 +69,16 @@ def _flushing_denormals(fn):
     return wrapper
 
 
-def _check_data(data: torch.Tensor, name: str = "data") -> None:
-    if not isinstance(data, torch.Tensor) or not data.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(data).__name__}")
-    if data.ndim < 2:
-        raise ValueError(f"{name} must have shape (n_times, ...voxels), got {tuple(data.shape)}")
+def _check_data(data: torch.Tensor, name: str = "data") -> torch.Tensor:
+    """The data, checked and in float32 at least (see :func:`.validation.check_data`)."""
+    return check_data(data, name)
 
 
 def signal_mask(data: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
     """Voxels whose largest signal exceeds ``fraction`` of the image's 99th percentile.
+
+    Voxels with NaN or inf at any time point are left out of the mask (with a warning that
+    counts them); the percentile is taken over the others.
 
     Parameters
     ----------
@@ -79,9 +92,13 @@ def signal_mask(data: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
     torch.Tensor
         Boolean mask of shape ``(...)``.
     """
-    _check_data(data)
-    peak = data.abs().amax(0)
-    return peak > fraction * torch.quantile(peak.flatten().float(), 0.99)
+    data = check_data(data)
+    finite, _ = voxel_status(data)
+    warn_not_finite(finite, "signal_mask")
+    if not bool(finite.any()):
+        return finite
+    peak = torch.where(finite, data.abs().amax(0), 0.0)
+    return finite & (peak > fraction * torch.quantile(peak[finite].float(), 0.99))
 
 
 @_flushing_denormals
@@ -99,6 +116,10 @@ def dictionary_match(
     largest dot product with its own. M0 follows from the maximum magnitude:
     ``max|data| / max|matched curve|``. Voxels are processed in chunks, so the extra memory
     stays below about ``max_bytes`` whatever the size of the volume.
+
+    Voxels without signal (all zero) or with NaN or inf get 0 for both values (a warning
+    counts the latter); a fit then counts them as failures. Half-precision data are matched in
+    float32, and the maps are returned in float32.
 
     Parameters
     ----------
@@ -118,7 +139,9 @@ def dictionary_match(
     dict
         ``{"m0": ..., name: ...}``, maps of shape ``(...)``.
     """
-    _check_data(data)
+    data = check_data(data)
+    finite, signal = voxel_status(data)
+    warn_not_finite(finite, "dictionary_match")
     grid = torch.as_tensor(grid, dtype=data.dtype, device=data.device).flatten()
     atoms = model(m0=torch.ones_like(grid), **{name: grid})  # (n_times, k)
     if atoms.shape[0] != data.shape[0]:
@@ -141,6 +164,8 @@ def dictionary_match(
         value[start : start + chunk] = grid[best]
         m0[start : start + chunk] = block.abs().amax(0) / atoms_peak[best]
     shape = data.shape[1:]
+    usable = signal.flatten()
+    value, m0 = torch.where(usable, value, 0.0), torch.where(usable, m0, 0.0)
     return {"m0": m0.reshape(shape), name: value.reshape(shape)}
 
 
@@ -174,6 +199,10 @@ class FitResult:
         Mean squared error over the fitted voxels after each iteration (data units squared).
     device
         Where the fit ran.
+    failures
+        Failed voxels by reason (keys of :data:`.validation.FAILURE_REASONS`: ``"not
+        finite"``, ``"no signal"``, ``"at a bound"``, ``"fit failed"``); each failed voxel
+        counts once, so the counts sum to ``n_failed``. :meth:`summary` says it in words.
     """
 
     params: dict[str, torch.Tensor]
@@ -185,6 +214,28 @@ class FitResult:
     noise_sigma: float
     loss_history: list[float]
     device: torch.device
+    failures: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_fitted(self) -> int:
+        """Number of voxels the fit was asked for: the valid ones plus the failed ones."""
+        return int(self.valid.sum()) + self.n_failed
+
+    def summary(self) -> str:
+        """One line: how many voxels were fitted, how many are valid, and why the others failed.
+
+        Examples
+        --------
+        ``"4096 voxels fitted: 4001 valid, 95 failed (90 no signal (all zero), 5 NaN or inf in
+        the data)"``
+        """
+        line = f"{self.n_fitted} voxels fitted: {int(self.valid.sum())} valid"
+        if not self.n_failed:
+            return line + ", none failed"
+        reasons = ", ".join(
+            f"{n} {FAILURE_REASONS.get(reason, reason)}" for reason, n in self.failures.items()
+        )
+        return f"{line}, {self.n_failed} failed" + (f" ({reasons})" if reasons else "")
 
 
 def _cofactors(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,8 +325,9 @@ def _pack(
 
 
 def _result(
-    shape, mask_flat, ok, params, residual_norm, r_squared, sd_unit, sigma, history, device, dtype
-) -> FitResult:
+    shape, mask_flat, ok, params, residual_norm, r_squared, sd_unit, sigma, history, device, dtype,
+    reasons=None,
+) -> FitResult:  # fmt: skip
     valid = torch.zeros(mask_flat.numel(), dtype=torch.bool)
     valid[mask_flat.cpu()] = ok.cpu()
     sd = {k: v * sigma for k, v in sd_unit.items()}
@@ -289,6 +341,7 @@ def _result(
         noise_sigma=sigma,
         loss_history=history,
         device=device,
+        failures=count_failures(ok, reasons or {}),
     )
 
 
@@ -349,27 +402,29 @@ def fit_adam(
     Returns
     -------
     FitResult
-        Maps, validity mask, failure count, goodness of fit and loss history.
+        Maps, validity mask, failure count, goodness of fit and loss history. Voxels with NaN
+        or inf data, or without signal (all zero), fail and are counted (``failures``).
+        Half-precision data are fitted in float32, and the maps are float32.
     """
-    _check_data(data)
+    data = check_data(data)
     shape = data.shape[1:]
     if "m0" not in init:
         raise ValueError(f"init needs a start value for 'm0', got {sorted(init)}")
     for key, value in init.items():
-        if tuple(value.shape) != tuple(shape):
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(shape):
             raise ValueError(
-                f"start value {key!r} has shape {tuple(value.shape)} but the data has "
-                f"{tuple(data.shape)}: expected maps of shape {tuple(shape)}"
+                f"start value {key!r} has shape {tuple(getattr(value, 'shape', ()))} but the "
+                f"data has {tuple(data.shape)}: expected maps of shape {tuple(shape)}"
             )
-    if mask is None:
-        mask = torch.ones(shape, dtype=torch.bool)
-    elif tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+    init = {
+        k: v.to(working_dtype(v.dtype)) if v.is_floating_point() else v for k, v in init.items()
+    }
+    mask = torch.ones(shape, dtype=torch.bool) if mask is None else mask
     device = torch.device(device) if device is not None else default_device()
-    mask_flat = mask.flatten().to(data.device)
+    mask_flat = check_mask(mask, shape).to(data.device)
 
     voxels = einops.rearrange(data, "c ... -> c (...)")[:, mask_flat].to(device)
-    finite = torch.isfinite(voxels).all(0)  # voxels with NaN/inf data fail, and only they
+    finite, has_signal = voxel_status(voxels)  # voxels with NaN/inf data or no signal fail
     voxels = torch.where(finite, voxels, 0.0)
     scale = voxels.abs().max().clamp_min(torch.finfo(data.dtype).tiny)
     if not normalise:
@@ -419,7 +474,7 @@ def fit_adam(
         residual = (target - prediction).T
         rss, r_squared, inverse_diag = _goodness(residual, jacobian, target.T)
         fitted["m0"] = fitted["m0"] * scale
-        ok = finite & torch.isfinite(rss)
+        ok = has_signal & torch.isfinite(rss)
         for value in fitted.values():
             ok &= torch.isfinite(value) & (value > 0)
         dof = data.shape[0] - len(names)
@@ -430,7 +485,7 @@ def fit_adam(
         sd_unit["m0"] = sd_unit["m0"] * scale
         return _result(
             shape, mask_flat, ok, fitted, rss.sqrt() * scale, r_squared, sd_unit, sigma_fit,
-            history, device, data.dtype,
+            history, device, data.dtype, {"not finite": ~finite, "no signal": ~has_signal},
         )  # fmt: skip
 
 
@@ -583,13 +638,10 @@ def _lm_chunk(
 def _flatten(
     data: torch.Tensor, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
-    _check_data(data)
     shape = data.shape[1:]
     if mask is None:
         mask = torch.ones(shape, dtype=torch.bool)
-    elif tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)}")
-    mask_flat = mask.flatten()
+    mask_flat = check_mask(mask, shape)
     voxels = einops.rearrange(data, "c ... -> c (...)")
     if bool(mask_flat.all()):
         return voxels, mask_flat, shape  # a view: no copy of the data
@@ -655,18 +707,37 @@ def fit_varpro(
     -------
     FitResult
         Maps of the physical parameters (``model.derive``) and tau, with goodness of fit.
+        Voxels with NaN or inf data, without signal (all zero) or with tau on a bound fail
+        and are counted (``failures``); the bounds are ``model.bounds`` with
+        Levenberg-Marquardt, the ends of the grid without.
+
+    Raises
+    ------
+    ValueError
+        For times that are not finite, negative or look like ms, empty data, a mask that
+        selects nothing, or a model whose number of times differs from the data's.
+
+    Notes
+    -----
+    Times out of order are sorted together with the data first (the polarity search needs
+    them in order); the result is that of the sorted series.
     """
-    voxels, mask_flat, shape = _flatten(data, mask)
+    data = check_data(data)
+    check_times(model.times, "TI" if model.nonlinear == "t1" else "TE")
     _check_model(model, data)
+    model, data = sort_model_times(model, data)
+    voxels, mask_flat, shape = _flatten(data, mask)
     if grid is None:
         lo, hi = (0.01, 5.0) if model.nonlinear == "t1" else (0.001, 1.0)
         grid = torch.logspace(torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(hi)), 120)
-    grid = grid.to(dtype)
+    grid = check_times(grid, f"grid of {model.nonlinear}").to(dtype)
+    if grid.numel() < 3 or not bool((grid > 0).all()):
+        raise ValueError(f"the grid needs at least 3 values, all > 0 s; got {grid.tolist()[:5]}")
     n, n_voxels = voxels.shape
     p = len(model.linear)
     work = model  # its basis is evaluated in the dtype of tau, so float64 throughout
     polarity = model.polarity
-    finite = torch.isfinite(voxels).all(0)
+    finite, has_signal = voxel_status(voxels)
     chunk = max(1, VARPRO_CHUNK_BYTES // (8 * grid.numel() * (p + 2) + 8 * n * 4))
     chunk = min(chunk, LM_CHUNK_VOXELS) if lm_iterations else chunk
     # Parameters are kept in ``dtype`` (their exact optimum is the point), the goodness of fit
@@ -691,9 +762,9 @@ def fit_varpro(
         jac = einops.rearrange(jac, "n q v -> v n q")
         rss[sl], r_squared[sl], inverse_diag[sl] = _goodness(residual, jac, y.T)
         coefficients[:, sl], tau[sl] = c, t
-    lo, hi = model.bounds
-    ok = finite & torch.isfinite(rss) & torch.isfinite(tau)
-    ok &= (tau > lo * (1 + 1e-6)) & (tau < hi * (1 - 1e-6))
+    # A grid search alone cannot leave its grid: a voxel at either end is pinned there.
+    pinned = at_bound(tau, model.bounds if lm_iterations else (grid.min(), grid.max()))
+    ok = has_signal & torch.isfinite(rss) & torch.isfinite(tau) & ~pinned
     sigma = noise_sigma if noise_sigma is not None else _estimate_sigma(rss, ok, n - p - 1)
     params = {**model.derive(coefficients), model.nonlinear: tau}
     sd_unit = {name: inverse_diag[:, i].clamp_min(0).sqrt() for i, name in enumerate(model.linear)}
@@ -705,6 +776,7 @@ def fit_varpro(
     return _result(
         shape, mask_flat, ok, params, rss.sqrt(), r_squared, sd_unit, sigma, loss_history,
         torch.device("cpu"), data.dtype,
+        {"not finite": ~finite, "no signal": ~has_signal, "at a bound": pinned},
     )  # fmt: skip
 
 
