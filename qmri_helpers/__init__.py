@@ -14,6 +14,7 @@ Each module holds one concern; the notebooks call them in the order of a fit::
 from . import (
     data,
     dicom,
+    exercises,
     export,
     fitting,
     metrics,
@@ -22,12 +23,18 @@ from . import (
     phantom,
     phantom_qa,
     plotting,
+    qa_report,
+    reference,
+    solvers,
+    spheres,
+    validation,
     widgets,
 )
 
 __all__ = [
     "data",
     "dicom",
+    "exercises",
     "export",
     "fitting",
     "metrics",
@@ -36,6 +43,11 @@ __all__ = [
     "phantom",
     "phantom_qa",
     "plotting",
+    "qa_report",
+    "reference",
+    "spheres",
+    "solvers",
+    "validation",
     "widgets",
 ]
 __version__ = "0.1.0"

@@ -1,21 +1,27 @@
-"""Load a relaxometry series (one DICOM file per inversion or echo time) into a tensor.
+"""Load a relaxometry series (single-frame files, or enhanced multi-frame MR) into a tensor.
 
-The files are sorted by their DICOM tags (InversionTime or EchoTime, then slice position),
+The images are sorted by their DICOM tags (InversionTime or EchoTime, then slice position),
 never by file name, and the stored values are turned into physical values with
-RescaleSlope/RescaleIntercept and, for Philips, the private scale slope.
+RescaleSlope/RescaleIntercept and, for Philips, the private scale slope. An enhanced
+multi-frame file (Siemens XA, Philips, or a legacy-converted series) is read frame by frame:
+each frame's TI, TE, TR, position and rescale come from its per-frame functional groups,
+else from the shared ones.
 """
 
 from __future__ import annotations
 
 import struct
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import torch
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import data_element_generator
+from pydicom.multival import MultiValue
 
 __all__ = ["DicomSeriesError", "SeriesHeader", "load_series", "list_files"]
 
@@ -30,6 +36,15 @@ _SAME_SERIES_KEYS = (
     "ScanningSequence",
 )
 _CONTRAST_TAGS = ("InversionTime", "EchoTime")
+#: Where an enhanced multi-frame file keeps each value (in a functional group's item), besides
+#: the single-frame name that a legacy-converted file keeps in its "Unassigned" groups.
+_ENHANCED_NAMES = {
+    "InversionTime": ("InversionTime", "InversionTimes"),  # MR Modifier
+    "EchoTime": ("EchoTime", "EffectiveEchoTime"),  # MR Echo
+}
+#: Index files and desktop litter that sit beside DICOM files; compared in lower case.
+_NOT_IMAGES = {"dicomdir", "thumbs.db", "ehthumbs.db", "desktop.ini", ".ds_store"}
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 class DicomSeriesError(ValueError):
@@ -44,17 +59,24 @@ class SeriesHeader:
     ----------
     ti, te, tr
         Inversion, echo and repetition time per contrast, shape ``(n_contrasts,)``;
-        ``ti`` is None for a series without InversionTime.
+        ``ti`` is None for a series without InversionTime. A TE or TR that the files do not
+        state is NaN (unknown, never 0), and ``notes`` says so; models that need TR refuse it.
     sorted_by
         The DICOM attribute the contrasts are sorted by: "InversionTime" or "EchoTime".
     files
-        The files used, ordered as the tensor: ``files[contrast][slice]``.
+        The files used, ordered as the tensor: ``files[contrast][slice]`` (the same file
+        repeats for the frames of a multi-frame file).
     manufacturer, field_strength
         Manufacturer and MagneticFieldStrength (T; None if absent) of the first file.
     signed
         True for real-valued (phase-corrected, signed) images, False for magnitude images.
     pixel_spacing
         Row and column spacing in mm.
+    frames
+        ``frames[contrast][slice]``: the frame number (from 1) in a multi-frame file, None for
+        a single-frame file.
+    notes
+        What the loader could not know and how it filled it in (e.g. an unknown TR).
     """
 
     ti: torch.Tensor | None
@@ -66,6 +88,8 @@ class SeriesHeader:
     field_strength: float | None = None
     signed: bool = False
     pixel_spacing: tuple[float, float] = (1.0, 1.0)
+    frames: list[list[int | None]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def contrast(self) -> torch.Tensor:
@@ -73,10 +97,16 @@ class SeriesHeader:
         return self.ti if self.sorted_by == "InversionTime" else self.te
 
 
+def _is_litter(path: Path) -> bool:
+    name = path.name.lower()
+    return name in _NOT_IMAGES or name.startswith("._")
+
+
 def list_files(folder: str | Path) -> list[Path]:
     """List the candidate DICOM files below ``folder``, recursively.
 
-    Hidden files, macOS ``__MACOSX`` folders and ``DICOMDIR`` index files are left out.
+    Hidden files, macOS ``__MACOSX`` folders, ``DICOMDIR`` index files (in any case) and
+    desktop litter (``Thumbs.db``, ``desktop.ini``, ``.DS_Store``) are left out.
     """
     folder = Path(folder)
     if not folder.exists():
@@ -86,7 +116,7 @@ def list_files(folder: str | Path) -> list[Path]:
     files = []
     for path in sorted(folder.rglob("*")):
         parts = path.relative_to(folder).parts
-        if any(p.startswith(".") or p == "__MACOSX" for p in parts) or path.name == "DICOMDIR":
+        if any(p.startswith(".") or p == "__MACOSX" for p in parts) or _is_litter(path):
             continue
         if path.is_file():
             files.append(path)
@@ -95,15 +125,55 @@ def list_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def _truncated(path: Path) -> str | None:
+    """Where a DICOM file ends early (a data element cut short), or None if it looks whole.
+
+    pydicom stops quietly at the end of a file, so a file cut before its pixel data reads as
+    a file without pixel data; walking its elements tells the two apart.
+    """
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        start = 132 + 12 + int(meta.FileMetaInformationGroupLength)
+        syntax = meta.TransferSyntaxUID
+        if syntax.is_deflated:
+            return None
+        size = path.stat().st_size
+        with open(path, "rb") as fp:
+            fp.seek(start)
+            end = start
+            for raw in data_element_generator(fp, syntax.is_implicit_VR, syntax.is_little_endian):
+                value = raw.value
+                if (
+                    raw.length != 0xFFFFFFFF
+                    and isinstance(value, bytes)
+                    and len(value) < raw.length
+                ):
+                    name = pydicom.datadict.keyword_for_tag(raw.tag) or str(raw.tag)
+                    return f"it ends inside {name} ({len(value)} of {raw.length} bytes)"
+                end = fp.tell()
+        if end < size:
+            return f"it ends inside a data element header ({size - end} stray bytes)"
+    except Exception as err:  # a file cut inside its meta header or inside a sequence
+        return f"it cannot be parsed to its end ({type(err).__name__}: {err})"
+    return None
+
+
 def _read(paths: list[Path]) -> list[pydicom.Dataset]:
     datasets, not_dicom, no_pixels = [], [], []
     for path in paths:
         try:
             ds = pydicom.dcmread(path)
         except (InvalidDicomError, EOFError, OSError, ValueError, struct.error):
+            with open(path, "rb") as fp:
+                magic = fp.read(132)[128:]
+            if magic == b"DICM":
+                raise DicomSeriesError(
+                    f"{path}: a DICOM file that pydicom cannot read: truncated or corrupt "
+                    f"({_truncated(path) or 'its elements are malformed'})"
+                ) from None
             not_dicom.append(path)
             continue
-        if "PixelData" not in ds:
+        if not any(k in ds for k in _PIXEL_KEYWORDS):
             no_pixels.append(path)
         datasets.append(ds)
     if not_dicom:
@@ -113,76 +183,217 @@ def _read(paths: list[Path]) -> list[pydicom.Dataset]:
             f"{len(not_dicom)} of {len(paths)} files are not DICOM (pydicom cannot read them): "
             f"{names}{more}. Point load_series at a folder that holds only the series."
         )
+    for path in no_pixels:
+        why = _truncated(path)
+        if why is not None:
+            raise DicomSeriesError(f"{path}: the file is truncated: {why}; copy it again")
     if no_pixels:
         raise DicomSeriesError(f"{no_pixels[0]}: DICOM file without image data (no PixelData)")
     return datasets
 
 
-def _value(ds: pydicom.Dataset, name: str) -> float | None:
-    value = ds.get(name)
-    if value is None or value == "":
-        return None
-    return float(value)
+def _text(dataset: pydicom.Dataset, key: str | int | tuple[int, int]) -> object:
+    """The value of ``key``; for a value pydicom cannot convert, its raw text."""
+    try:
+        return dataset[key].value
+    except (ValueError, TypeError, OverflowError):  # e.g. a DS "abc" fails on access
+        raw = dataset.get_item(key)
+        value = raw.value if isinstance(raw, RawDataElement) else raw
+        return value.decode(errors="replace").strip(" \0") if isinstance(value, bytes) else value
 
 
-def _philips_scale_slope(ds: pydicom.Dataset) -> float | None:
-    if PHILIPS_SCALE_SLOPE not in ds:
+@dataclass
+class _Image:
+    """One 2-D image: a single-frame file, or one frame of a multi-frame file."""
+
+    path: Path
+    ds: pydicom.Dataset
+    frame: int | None = None  # 0-based index in a multi-frame file
+
+    @property
+    def where(self) -> str:
+        if self.frame is None:
+            return str(self.path)
+        return f"{self.path} frame {self.frame + 1} of {int(self.ds.NumberOfFrames)}"
+
+    def _groups(self) -> list[pydicom.Dataset]:
+        """The functional-group items to search: this frame's, then the shared ones."""
+        if self.frame is None:
+            return []
+        groups = []
+        for name, index in (
+            ("PerFrameFunctionalGroupsSequence", self.frame),
+            ("SharedFunctionalGroupsSequence", 0),
+        ):
+            sequence = self.ds.get(name)
+            if sequence is not None and len(sequence) > index:
+                groups.append(sequence[index])
+        return groups
+
+    def get(self, name: str | tuple[int, int]) -> object:
+        """A value of this image: for a frame, from its functional groups, else the file's."""
+        keys = _ENHANCED_NAMES.get(name, (name,)) if isinstance(name, str) else (name,)
+        for group in self._groups():
+            for element in group:
+                if element.VR != "SQ" or not element.value:
+                    continue
+                item = element.value[0]
+                for key in keys:
+                    if key in item:
+                        return _text(item, key)
+        for key in keys:
+            if key in self.ds:
+                return _text(self.ds, key)
         return None
-    raw = ds[PHILIPS_SCALE_SLOPE].value
+
+
+def _images(datasets: list[pydicom.Dataset], paths: list[Path]) -> list[_Image]:
+    images = []
+    for path, ds in zip(paths, datasets, strict=True):
+        n_frames = _number(_Image(path, ds), "NumberOfFrames") if "NumberOfFrames" in ds else None
+        if n_frames is None or ("PerFrameFunctionalGroupsSequence" not in ds and n_frames == 1):
+            images.append(_Image(path, ds))
+        else:
+            images.extend(_Image(path, ds, k) for k in range(int(n_frames)))
+    return images
+
+
+def _number(image: _Image, name: str, *, unit: str = "") -> float | None:
+    """A numeric attribute of one image, or None if absent; a clear error if not a number."""
+    raw = image.get(name)
+    if raw is None or raw == "" or (isinstance(raw, MultiValue | list | tuple) and not raw):
+        return None
+    if isinstance(raw, MultiValue | list | tuple):
+        if len(raw) != 1:
+            raise DicomSeriesError(
+                f"{image.where}: {name} has {len(raw)} values ({list(raw)}); expected one"
+            )
+        raw = raw[0]
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise DicomSeriesError(f"{image.where}: {name} is {str(raw)!r}, not a number") from None
+    if not np.isfinite(value):
+        raise DicomSeriesError(f"{image.where}: {name} is {raw}{unit}, not a finite number")
+    return value
+
+
+def _time_ms(image: _Image, name: str) -> float | None:
+    """A time attribute in ms: absent is None; NaN, inf, negative or text is an error."""
+    value = _number(image, name, unit=" ms")
+    if value is not None and value < 0:
+        raise DicomSeriesError(f"{image.where}: {name} is {value:g} ms, a negative time")
+    return value
+
+
+def _philips_scale_slope(image: _Image) -> float | None:
+    raw = image.get(PHILIPS_SCALE_SLOPE)
+    if raw is None:
+        return None
     if isinstance(raw, bytes):  # implicit VR: the FL value arrives as raw bytes
         raw = struct.unpack("<f", raw[:4])[0]
-    value = float(raw[0] if isinstance(raw, list | tuple) else raw)
+    value = float(raw[0] if isinstance(raw, list | tuple | MultiValue) else raw)
     return value if value not in (0.0,) and np.isfinite(value) else None
 
 
-def _pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray:
-    """Stored values to physical values: rescale, and for Philips the private scale slope."""
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise DicomSeriesError(f"{path}: multi-frame (enhanced) DICOM is not supported")
+def _rescale(image: _Image) -> tuple[float, float]:
+    slope = _number(image, "RescaleSlope")
+    intercept = _number(image, "RescaleIntercept")
+    if slope == 0:
+        raise DicomSeriesError(
+            f"{image.where}: RescaleSlope is 0, which would turn every pixel into "
+            f"{intercept or 0:g}; the file's scaling is broken"
+        )
+    return (1.0 if slope is None else slope), (intercept or 0.0)
+
+
+def _stored(ds: pydicom.Dataset, path: Path) -> np.ndarray:
+    """All stored frames of one file, shape ``(frames, rows, columns)``."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if "PixelData" in ds and syntax is not None and not syntax.is_compressed:
+        frames = int(_number(_Image(path, ds), "NumberOfFrames") or 1)
+        expected = int(ds.Rows) * int(ds.Columns) * frames * int(ds.get("SamplesPerPixel", 1))
+        expected = expected * int(ds.BitsAllocated) // 8
+        if len(ds.PixelData) < expected:
+            raise DicomSeriesError(
+                f"{path}: the file is truncated: its PixelData holds {len(ds.PixelData)} of "
+                f"the {expected} bytes that {int(ds.Rows)}x{int(ds.Columns)} pixels x "
+                f"{frames} frame(s) need; copy it again"
+            )
     try:
         stored = ds.pixel_array.astype(np.float64)
     except Exception as err:  # pydicom raises many kinds for broken pixel data
         raise DicomSeriesError(f"{path}: cannot decode the pixel data ({err})") from err
-    slope = _value(ds, "RescaleSlope") or 1.0
-    intercept = _value(ds, "RescaleIntercept") or 0.0
-    values = stored * slope + intercept
-    if "PHILIPS" in str(ds.get("Manufacturer", "")).upper():
-        scale_slope = _philips_scale_slope(ds)
+    return stored.reshape(-1, int(ds.Rows), int(ds.Columns))
+
+
+def _pixels(image: _Image, stored: np.ndarray) -> np.ndarray:
+    """Stored values to physical values: rescale, and for Philips the private scale slope."""
+    slope, intercept = _rescale(image)
+    values = stored[image.frame or 0] * slope + intercept
+    if "PHILIPS" in str(image.get("Manufacturer") or "").upper():
+        scale_slope = _philips_scale_slope(image)
         if scale_slope is not None:
             # Philips floating-point value: FP = (SV * RS + RI) / (RS * SS).
             values = values / (slope * scale_slope)
     return values
 
 
-def _slice_position(ds: pydicom.Dataset) -> float:
-    position = ds.get("ImagePositionPatient")
-    orientation = ds.get("ImageOrientationPatient")
+def _slice_position(image: _Image) -> float:
+    position = image.get("ImagePositionPatient")
+    orientation = image.get("ImageOrientationPatient")
     if position is not None and orientation is not None:
         normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
         return round(float(np.dot(normal, np.asarray(position, float))), 3)
-    return round(_value(ds, "SliceLocation") or 0.0, 3)
+    return round(_number(image, "SliceLocation") or 0.0, 3)
 
 
-def _check_same_series(datasets: list[pydicom.Dataset], paths: list[Path]) -> None:
+def _check_same_series(images: list[_Image]) -> None:
     for key in _SAME_SERIES_KEYS:
-        values = [str(ds.get(key, "")) for ds in datasets]
+        values = [str(image.get(key) or "") for image in images]
         if len(set(values)) > 1:
             first = values[0]
             other = next(i for i, v in enumerate(values) if v != first)
             raise DicomSeriesError(
-                f"two series are mixed in one folder: {key} is {first!r} in {paths[0]} "
-                f"but {values[other]!r} in {paths[other]}. Put each series in its own folder."
+                f"two series are mixed in one folder: {key} is {first!r} in {images[0].where} "
+                f"but {values[other]!r} in {images[other].where}. Put each series in its own "
+                "folder."
             )
 
 
-def _choose_contrast(datasets: list[pydicom.Dataset], sort_by: str | None) -> str:
+def _choose_contrast(images: list[_Image], sort_by: str | None) -> str:
     if sort_by is not None:
         if sort_by not in _CONTRAST_TAGS:
             raise ValueError(f"sort_by must be one of {_CONTRAST_TAGS} or None, got {sort_by!r}")
         return sort_by
-    if any(_value(ds, "InversionTime") is not None for ds in datasets):
+    if any(image.get("InversionTime") not in (None, "") for image in images):
         return "InversionTime"
     return "EchoTime"
+
+
+def _missing(tag: str, images: list[_Image]) -> str:
+    """Why ``tag`` is missing, naming the images (and for frames, where it was looked for)."""
+    names = ", ".join(image.where for image in images[:3])
+    more = ", ..." if len(images) > 3 else ""
+    where = ""
+    if images[0].frame is not None:
+        macro = (
+            "MRModifierSequence > InversionTimes"
+            if tag == "InversionTime"
+            else ("MREchoSequence > EffectiveEchoTime")
+        )
+        where = f" (looked in the per-frame and shared functional groups: {macro}, or {tag})"
+    return f"{names}{more}{where}"
+
+
+def _unknown(name: str, values: list[float | None], images: list[_Image]) -> str | None:
+    missing = [image for value, image in zip(values, images, strict=True) if value is None]
+    if not missing:
+        return None
+    return (
+        f"{name} unknown (NaN) for {len(missing)} of {len(values)} contrasts: no {name} in "
+        f"{_missing(name, missing)}. Models that need it refuse this series."
+    )
 
 
 def load_series(
@@ -195,8 +406,9 @@ def load_series(
     Parameters
     ----------
     folder_or_paths
-        A folder (searched recursively) or a list of DICOM files. Each file holds one 2-D image:
-        one contrast (TI or TE) at one slice position.
+        A folder (searched recursively) or a list of DICOM files. Each file holds one 2-D image
+        (one contrast, TI or TE, at one slice position), or is an enhanced multi-frame file
+        whose frames are such images, with TI/TE in their functional groups.
     sort_by
         "InversionTime" or "EchoTime". None: InversionTime if the files have it, else EchoTime.
     dtype
@@ -213,8 +425,10 @@ def load_series(
     Raises
     ------
     DicomSeriesError
-        For an empty folder, files that are not DICOM, two series in one folder, a missing
-        InversionTime/EchoTime, unequal matrix sizes, or a duplicated TI/TE at one slice.
+        For an empty folder, files that are not DICOM or are truncated, two series in one
+        folder, a missing InversionTime/EchoTime (naming the file, and the frame), a time that
+        is not a finite, non-negative number, a RescaleSlope of 0, NaN or inf, unequal matrix
+        sizes, or a duplicated TI/TE at one slice.
     """
     if isinstance(folder_or_paths, str | Path):
         paths = list_files(folder_or_paths)
@@ -225,15 +439,20 @@ def load_series(
         for path in paths:
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no such file")
+        paths = [p for p in paths if not _is_litter(p)]
+        if not paths:
+            raise DicomSeriesError("no files given: the list holds only DICOMDIR or desktop files")
     datasets = _read(paths)
-    _check_same_series(datasets, paths)
-    tag = _choose_contrast(datasets, sort_by)
-    missing = [p for p, ds in zip(paths, datasets, strict=True) if _value(ds, tag) is None]
+    images = _images(datasets, paths)
+    _check_same_series(images)
+    tag = _choose_contrast(images, sort_by)
+    contrast = [_time_ms(image, tag) for image in images]
+    missing = [image for image, value in zip(images, contrast, strict=True) if value is None]
     if missing:
-        names = ", ".join(str(p) for p in missing[:3])
+        unit = "frames" if images[0].frame is not None else "files"
         raise DicomSeriesError(
-            f"missing {tag}: {len(missing)} of {len(paths)} files have no {tag} value "
-            f"({names}{', ...' if len(missing) > 3 else ''}); cannot sort the series by it"
+            f"missing {tag}: {len(missing)} of {len(images)} {unit} have no {tag} value "
+            f"({_missing(tag, missing)}); cannot sort the series by it"
         )
     sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
     if len(sizes) > 1:
@@ -245,19 +464,19 @@ def load_series(
 
     # Group by (contrast time, slice position), reject duplicates.
     grid: dict[float, dict[float, int]] = defaultdict(dict)
-    for index, ds in enumerate(datasets):
-        time_ms = round(_value(ds, tag), 4)
-        position = _slice_position(ds)
+    for index, image in enumerate(images):
+        time_ms = round(contrast[index], 4)
+        position = _slice_position(image)
         if position in grid[time_ms]:
-            other = grid[time_ms][position]
+            other = images[grid[time_ms][position]]
             series = (
                 " (the two files come from different series: two series seem mixed)"
-                if datasets[other].get("SeriesInstanceUID") != ds.get("SeriesInstanceUID")
+                if other.get("SeriesInstanceUID") != image.get("SeriesInstanceUID")
                 else ""
             )
             raise DicomSeriesError(
                 f"duplicate {tag} {time_ms:g} ms at slice position {position:g} mm: "
-                f"{paths[other]} and {paths[index]}{series}"
+                f"{other.where} and {image.where}{series}"
             )
         grid[time_ms][position] = index
     times = sorted(grid)
@@ -270,24 +489,39 @@ def load_series(
             )
 
     order = [[grid[t][z] for z in positions] for t in times]
-    images = np.stack([np.stack([_pixels(datasets[i], paths[i]) for i in row]) for row in order])
-    first = [datasets[row[0]] for row in order]
+    stored = {}
+    for path, ds in zip(paths, datasets, strict=True):
+        stored[path] = _stored(ds, path)
+    pixels = np.stack(
+        [np.stack([_pixels(images[i], stored[images[i].path]) for i in row]) for row in order]
+    )
+    first = [images[row[0]] for row in order]
+    notes = []
 
     def seconds(name: str) -> torch.Tensor:
-        return torch.tensor([(_value(ds, name) or 0.0) / 1000 for ds in first], dtype=dtype)
+        values = [_time_ms(image, name) for image in first]
+        note = _unknown(name, values, first)
+        if note is not None:
+            notes.append(note)
+        return torch.tensor([np.nan if v is None else v / 1000 for v in values], dtype=dtype)
 
-    ds0 = datasets[order[0][0]]
-    image_type = [str(v).upper() for v in (ds0.get("ImageType") or [])]
-    spacing = ds0.get("PixelSpacing") or [1.0, 1.0]
+    image0 = images[order[0][0]]
+    image_type = [str(v).upper() for v in (image0.get("ImageType") or [])]
+    component = str(image0.get("ComplexImageComponent") or "").upper()
+    spacing = image0.get("PixelSpacing") or [1.0, 1.0]
     header = SeriesHeader(
         ti=seconds("InversionTime") if tag == "InversionTime" else None,
         te=seconds("EchoTime"),
         tr=seconds("RepetitionTime"),
         sorted_by=tag,
-        files=[[paths[i] for i in row] for row in order],
-        manufacturer=str(ds0.get("Manufacturer", "")),
-        field_strength=_value(ds0, "MagneticFieldStrength"),
-        signed=bool({"R", "REAL"} & set(image_type[2:]) or images.min() < 0),
+        files=[[images[i].path for i in row] for row in order],
+        manufacturer=str(image0.get("Manufacturer") or ""),
+        field_strength=_number(image0, "MagneticFieldStrength"),
+        signed=bool({"R", "REAL"} & set(image_type[2:]) or component == "REAL" or pixels.min() < 0),
         pixel_spacing=(float(spacing[0]), float(spacing[1])),
+        frames=[
+            [None if images[i].frame is None else images[i].frame + 1 for i in row] for row in order
+        ],
+        notes=notes,
     )
-    return torch.as_tensor(images, dtype=dtype), header
+    return torch.as_tensor(pixels, dtype=dtype), header

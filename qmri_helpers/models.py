@@ -257,6 +257,24 @@ def ir_three_parameter_model(ti: torch.Tensor, magnitude: bool = True) -> Separa
     )  # fmt: skip
 
 
+_TR_UNKNOWN = (
+    "this model needs TR. The files lack RepetitionTime (see header.notes); fit "
+    "ir_three_parameter_model, which needs no TR"
+)
+
+
+def _known_tr(tr: torch.Tensor | float, ti: torch.Tensor) -> torch.Tensor:
+    """TR per TI (s); refuse an unknown TR (NaN, as a loader reports a missing RepetitionTime)."""
+    tr = torch.broadcast_to(torch.as_tensor(tr, dtype=ti.dtype), ti.shape)
+    if not torch.isfinite(tr).all():
+        raise ValueError(
+            f"TR is unknown (NaN) or not finite for {int((~torch.isfinite(tr)).sum())} of "
+            f"{tr.numel()} TIs ({tr.tolist()} s): this model needs TR. The files lack "
+            "RepetitionTime (see header.notes); fit ir_three_parameter_model, which needs no TR"
+        )
+    return tr
+
+
 def ir_tr_model(
     ti: torch.Tensor, tr: torch.Tensor | float, magnitude: bool = True
 ) -> SeparableModel:
@@ -268,9 +286,9 @@ def ir_tr_model(
     :math:`1 - e^{-TR/T_1}` and :math:`e^{-TR/T_1} - e^{-TI/T_1}`.
     """
     check_times(ti, "TI")
-    check_times(tr, "TR")
+    check_times(tr, "TR", unknown=_TR_UNKNOWN)
     ti = torch.as_tensor(ti)
-    tr = torch.broadcast_to(torch.as_tensor(tr, dtype=ti.dtype), ti.shape)
+    tr = _known_tr(tr, ti)
 
     def basis(tau):
         e_ti, de_ti = _decay(ti, tau)
@@ -314,9 +332,9 @@ def ir_hazen_model(
     constant TR it gives the same T1 as :func:`ir_tr_model`.
     """
     check_times(ti, "TI")
-    check_times(tr, "TR")
+    check_times(tr, "TR", unknown=_TR_UNKNOWN)
     ti = torch.as_tensor(ti)
-    tr = torch.broadcast_to(torch.as_tensor(tr, dtype=ti.dtype), ti.shape)
+    tr = _known_tr(tr, ti)
 
     def basis(tau):
         e_ti, de_ti = _decay(ti, tau)

@@ -143,7 +143,7 @@ def make_phantom(
         ]
         radius = 0.055 * size
     elif layout == "plate5":
-        from .phantom_qa import template_spheres
+        from .spheres import template_spheres
 
         labels[(yy - cy) ** 2 + (xx - cx) ** 2 > (85 / spacing) ** 2] = 0
         centres = template_spheres(shape, spacing)[:14]

@@ -55,7 +55,9 @@ FAILURE_REASONS: dict[str, str] = {
 }
 
 
-def check_times(times: object, name: str = "TI", max_seconds: float | None = None) -> torch.Tensor:
+def check_times(
+    times: object, name: str = "TI", max_seconds: float | None = None, unknown: str = ""
+) -> torch.Tensor:
     """Check a vector of inversion, echo or repetition times, in seconds.
 
     Parameters
@@ -68,6 +70,9 @@ def check_times(times: object, name: str = "TI", max_seconds: float | None = Non
     max_seconds
         The largest time that can be seconds; None takes ``MAX_SECONDS[name]`` (100 s if
         ``name`` is not listed).
+    unknown
+        What to tell the user when the times are unknown (None, NaN or inf), e.g. which model
+        to fit instead.
 
     Returns
     -------
@@ -80,8 +85,9 @@ def check_times(times: object, name: str = "TI", max_seconds: float | None = Non
         If the times are unknown (None, NaN or inf), negative, empty, not 1-D, or so large that
         they must be milliseconds.
     """
+    advice = unknown or f"a model that needs {name} cannot be built"
     if times is None:
-        raise ValueError(f"{name} is unknown (None): a model that needs {name} cannot be built")
+        raise ValueError(f"{name} is unknown (None): {advice}")
     try:
         t = torch.as_tensor(times)
     except (TypeError, ValueError, RuntimeError) as error:
@@ -94,9 +100,7 @@ def check_times(times: object, name: str = "TI", max_seconds: float | None = Non
     if t.numel() == 0:
         raise ValueError(f"{name} is empty: a fit needs at least one time point")
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(
-            f"{name} holds unknown values ({_listing(t)} s): NaN or inf cannot be fitted"
-        )
+        raise ValueError(f"{name} is unknown (NaN) or not finite ({_listing(t)} s): {advice}")
     if bool((t < 0).any()):
         raise ValueError(f"{name} holds negative values ({_listing(t)} s): times are >= 0")
     limit = max_seconds if max_seconds is not None else MAX_SECONDS.get(name, 100.0)

@@ -142,11 +142,11 @@ def test_fits_refuse_a_hand_built_model_with_times_in_ms(fit):
 @pytest.mark.parametrize(
     ("times", "message"),
     [
-        (torch.tensor([0.1, float("nan"), 1.0]), "unknown values"),
-        (torch.tensor([0.1, float("inf"), 1.0]), "unknown values"),
+        (torch.tensor([0.1, float("nan"), 1.0]), "unknown"),
+        (torch.tensor([0.1, float("inf"), 1.0]), "unknown"),
         (torch.tensor([-0.1, 0.5, 1.0]), "negative"),
         (torch.tensor([]), "empty"),
-        (None, "unknown"),
+        (None, "unknown"),  # a missing RepetitionTime
         (["a", "b"], "must be numbers in seconds"),
     ],
 )
@@ -155,6 +155,9 @@ def test_unknown_or_negative_times_are_refused(times, message):
         models.ir_seed_model(times)
     with pytest.raises(ValueError, match=f"TR.*{message}"):
         models.ir_tr_model(TI_HAZEN[:3], times)
+    if message == "unknown":  # a missing RepetitionTime: the message says what to fit instead
+        with pytest.raises(ValueError, match="TR is unknown.*fit ir_three_parameter_model"):
+            models.ir_hazen_model(TI_HAZEN[:3], times)
 
 
 def test_times_in_seconds_pass_unchanged():
