@@ -10,8 +10,10 @@ fitted so that the fit counts them as failures:
   :func:`sort_model_times`);
 - data must be a non-empty floating-point tensor; float16 and bfloat16 are computed in float32
   (:func:`check_data`);
-- voxels with NaN or inf, and voxels without any signal, are failures (:func:`voxel_status`);
-  every failure is counted by its reason (:func:`count_failures`).
+- a mask must be boolean and select at least one voxel (:func:`check_mask`);
+- voxels with NaN or inf, voxels without any signal (:func:`voxel_status`) and voxels whose
+  time constant sits on a bound (:func:`at_bound`) are failures; every failure is counted by
+  its reason (:func:`count_failures`), which :meth:`.fitting.FitResult.summary` reports.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ MAX_SECONDS: dict[str, float] = {"TI": 100.0, "TR": 100.0, "TE": 10.0}
 FAILURE_REASONS: dict[str, str] = {
     "not finite": "with NaN or inf in the data",
     "no signal": "without signal (all zero)",
-    "at a bound": "with the time constant on a bound of the model",
+    "at a bound": "with the time constant on a bound of the fit",
     "fit failed": "with non-finite or non-positive fitted values",
 }
 

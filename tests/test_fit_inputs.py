@@ -340,7 +340,7 @@ def test_voxels_on_a_bound_fail_and_are_counted(fit):
     assert result.valid.tolist() == [True, False, False, True]
     assert result.failures == {"at a bound": 2}
     assert result.summary() == (
-        "4 voxels fitted: 2 valid, 2 failed (2 with the time constant on a bound of the model)"
+        "4 voxels fitted: 2 valid, 2 failed (2 with the time constant on a bound of the fit)"
     )
     _assert_counts_add_up(result)
 
