@@ -8,6 +8,7 @@ Times are in seconds. Parameter maps of shape ``(...)`` give signals of shape
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ __all__ = [
     "ir_tr_model",
     "ir_hazen_model",
     "mono_exp_model",
+    "epg_cpmg_model",
 ]
 
 SignalModel = Callable[..., torch.Tensor]
@@ -348,3 +350,48 @@ def ir_hazen_model(
         "IR S0 (1 - a1 exp(-TI/T1) + exp(-TR/T1)) (hazen)", ("s0", "s0a1"), "t1", ti, basis,
         magnitude, (1e-3, 10.0), derive, polarity=magnitude,
     )  # fmt: skip
+
+
+# --- EPG: the multi-echo spin-echo (CPMG) train with imperfect refocusing ------------------
+
+
+def epg_cpmg_model(
+    te: torch.Tensor, t1: torch.Tensor | float = 1.0, refocusing: float = math.pi
+) -> SignalModel:
+    r"""Return the CPMG echo-train model for the echo times ``te`` (s): ``model(m0=, t2=, b1=)``.
+
+    .. math::
+
+        S_n = M_0\, \mathrm{EPG}_n(T_2, B_1; T_1, ESP), \qquad TE_n = n \cdot ESP,
+
+    where :math:`\mathrm{EPG}_n` is the amplitude of echo :math:`n` of the extended phase
+    graph (:func:`qmri_helpers.epg.cpmg_signal`): an ideal 90° excitation, then refocusing
+    pulses of flip angle :math:`B_1 \cdot` ``refocusing`` every ESP. For :math:`B_1 = 1` and a
+    180° pulse it is :math:`M_0 e^{-TE_n/T_2}`; for :math:`B_1 < 1` stimulated echoes add to the
+    spin echoes.
+
+    Parameters
+    ----------
+    te
+        Echo times in s, shape ``(n,)``: every echo of a CPMG train, ``TE_n = n * ESP``.
+    t1
+        Longitudinal relaxation time in s (a number or a map ``(...)``): how fast the stored
+        states decay.
+    refocusing
+        Nominal refocusing flip angle in radians.
+
+    Returns
+    -------
+    SignalModel
+        ``model(m0, t2, b1)`` with maps of shape ``(...)`` (M0 in a.u., T2 in s, B1 the
+        dimensionless scale of the flip angle) giving echoes of shape ``(n, ...)``.
+    """
+    from .epg import cpmg_echo_spacing, cpmg_signal  # the recursion lives in its own module
+
+    esp = cpmg_echo_spacing(te)
+    n_echoes = int(torch.as_tensor(te).numel())
+
+    def model(m0: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
+        return m0 * cpmg_signal(t2, b1, esp, n_echoes, t1=t1, refocusing=refocusing)
+
+    return model

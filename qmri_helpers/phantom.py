@@ -35,6 +35,7 @@ __all__ = [
     "write_ir_phantom",
     "write_multi_echo_phantom",
     "write_plate5_phantom",
+    "write_plate4_phantom",
 ]
 
 #: Nominal T1 (s) of spheres 1-14 of the NIST/Caliber T1 plate at 3 T (hazen's table).
@@ -113,7 +114,8 @@ def make_phantom(
     layout
         ``"rings"``: 10 vials on an outer and 4 on an inner ring, scaled to the matrix (the
         tutorials' default). ``"plate5"``: the spheres at the positions of the system
-        phantom's T1 plate (hazen's template, in mm), 10 mm in radius, for phantom QA.
+        phantom's T1 plate (hazen's template, in mm), 10 mm in radius, for phantom QA;
+        ``"plate4"``: the same positions with the T1 of plate 4 (the T2 array).
 
     Returns
     -------
@@ -123,6 +125,10 @@ def make_phantom(
     if field_strength not in (1.5, 3.0):
         raise ValueError(f"field_strength must be 1.5 or 3.0 T, got {field_strength!r}")
     vial_t1 = NIST_T1_3T if field_strength == 3.0 else NIST_T1_1P5T
+    if layout == "plate4":  # the T2 array: MnCl2 spheres with their own (longer) T1
+        from .reference import T1_V1_MS
+
+        vial_t1 = tuple(v / 1000 for v in T1_V1_MS[4, field_strength])
     ny, nx = shape
     size = min(ny, nx)
     yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
@@ -142,14 +148,14 @@ def make_phantom(
             for k in range(n)
         ]
         radius = 0.055 * size
-    elif layout == "plate5":
+    elif layout in ("plate5", "plate4"):
         from .spheres import template_spheres
 
         labels[(yy - cy) ** 2 + (xx - cx) ** 2 > (85 / spacing) ** 2] = 0
         centres = template_spheres(shape, spacing)[:14]
         radius = 10 / spacing
     else:
-        raise ValueError(f"layout must be 'rings' or 'plate5', got {layout!r}")
+        raise ValueError(f"layout must be 'rings', 'plate5' or 'plate4', got {layout!r}")
     for number, (vy, vx) in enumerate(centres, start=1):
         labels[(yy - vy) ** 2 + (xx - vx) ** 2 <= radius**2] = number
     t1 = np.zeros(shape)
@@ -450,4 +456,24 @@ def write_plate5_phantom(
     return write_ir_phantom(
         folder, ti=PLATE5_TI, tr=1.0, te=0.01, snr=snr, shape=(192, 192),
         field_strength=field_strength, seed=seed, fov_mm=250.0, layout="plate5",
+    )  # fmt: skip
+
+
+def write_plate4_phantom(
+    folder: str | Path, field_strength: float = 1.5, snr: float = 800.0, seed: int = 0
+) -> Phantom:
+    """Write plate 4 (the T2 array) as the same IR protocol sees it, for plate detection.
+
+    As :func:`write_plate5_phantom`, but the spheres have the plate-4 T1 values (version 1,
+    20 °C, :data:`qmri_helpers.reference.T1_V1_MS`), which are much longer than plate 5's
+    for the same sphere number. The T2* of the vials is not that of plate 4.
+
+    Returns
+    -------
+    Phantom
+        The ground truth, maps of shape ``(1, 192, 192)``.
+    """
+    return write_ir_phantom(
+        folder, ti=PLATE5_TI, tr=1.0, te=0.01, snr=snr, shape=(192, 192),
+        field_strength=field_strength, seed=seed, fov_mm=250.0, layout="plate4",
     )  # fmt: skip

@@ -10,6 +10,11 @@ ms, as published; the functions return seconds.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.interpolate import interp1d
+
 __all__ = [
     "PLATES",
     "FILL_T1_MS",
@@ -20,6 +25,10 @@ __all__ = [
     "V2_FIRST_SERIAL",
     "NOMINAL_T1_MS",
     "HAZEN_FITTED_T1_MS",
+    "Reference",
+    "reference_t1",
+    "reference_t2",
+    "plate5_t1_3t_temperature",
     "nominal_t1",
 ]
 
@@ -97,3 +106,212 @@ def nominal_t1(field_strength: float | None) -> tuple[float, ...]:
             f"no nominal T1 values for {field_strength} T; tables exist for 1.5 and 3.0 T"
         )
     return tuple(v / 1000 for v in NOMINAL_T1_MS[nearest])
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Reference values of one plate's spheres, and what was assumed to choose them.
+
+    Behaves as the sequence of the 14 values in s (``np.asarray(reference)`` works).
+
+    Attributes
+    ----------
+    quantity
+        "T1" or "T2".
+    plate
+        4 or 5.
+    field_strength
+        The tabulated field (T) whose values these are: 1.5 or 3.0.
+    version
+        Phantom version, 1 (serial numbers below 0043) or 2.
+    temperature_c
+        The phantom temperature (deg C) the values hold at.
+    values
+        Spheres 1-14, in s.
+    fill
+        The water fill ("sphere 15"), in s.
+    assumptions
+        What was assumed rather than given, and how the values were derived, in words;
+        "" where everything was given and tabulated.
+    version_assumed, temperature_assumed
+        True where the version (no serial number) or the temperature was not given.
+    """
+
+    quantity: str
+    plate: int
+    field_strength: float
+    version: int
+    temperature_c: float
+    values: tuple[float, ...]
+    fill: float
+    assumptions: str = ""
+    version_assumed: bool = False
+    temperature_assumed: bool = False
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index):
+        return self.values[index]
+
+    def __iter__(self):
+        return iter(self.values)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self.values, dtype=dtype)
+
+    @property
+    def ms(self) -> np.ndarray:
+        """Spheres 1-14 in ms, ``(14,)``."""
+        return np.asarray(self.values) * 1000
+
+    @property
+    def label(self) -> str:
+        """E.g. ``"plate 5, version 1 (assumed), 20 °C (assumed), 1.5 T"``."""
+        version = f"version {self.version}" + (" (assumed)" if self.version_assumed else "")
+        temperature = f"{self.temperature_c:g} °C" + (
+            " (assumed)" if self.temperature_assumed else ""
+        )
+        return f"plate {self.plate}, {version}, {temperature}, {self.field_strength:g} T"
+
+
+def _tabulated_field(field_strength: float | None) -> float:
+    if field_strength is None:
+        raise ValueError("the field strength is unknown: pass 1.5 or 3.0 (T)")
+    nearest = min((1.5, 3.0), key=lambda b: abs(b - field_strength))
+    if abs(nearest - field_strength) > 0.3:
+        raise ValueError(
+            f"no reference values for {field_strength} T; tables exist for 1.5 and 3.0 T"
+        )
+    return nearest
+
+
+def _check_plate(plate: int) -> int:
+    if plate not in PLATES:
+        raise ValueError(f"plate must be 4 (T2 array) or 5 (T1 array), got {plate!r}")
+    return int(plate)
+
+
+def _version(serial: int | None) -> tuple[int, str]:
+    if serial is None:
+        return 1, "version 1 assumed (no serial number given)"
+    if int(serial) < 1:
+        raise ValueError(f"the serial number must be a positive integer, got {serial!r}")
+    return (2 if int(serial) >= V2_FIRST_SERIAL else 1), ""
+
+
+def plate5_t1_3t_temperature(temperature_c: float) -> np.ndarray:
+    r"""Version-2 plate-5 T1 (ms) at 3 T at ``temperature_c``, interpolated in temperature.
+
+    As in the RRSG-qMRSG 2020 T1 challenge's analysis: a quadratic spline through the
+    tabulated values (:data:`PLATE5_T1_V2_3T_MS`, 16-26 °C) in :math:`\log T_1` against
+    :math:`\log` temperature, so that the tabulated temperatures return the tabulated values.
+
+    Raises
+    ------
+    ValueError
+        Outside 16-26 °C, where there is no table to interpolate.
+    """
+    temperatures = np.array(sorted(PLATE5_T1_V2_3T_MS))
+    if not temperatures[0] <= temperature_c <= temperatures[-1]:
+        raise ValueError(
+            f"no reference values at {temperature_c:g} °C: the version-2 table spans "
+            f"{temperatures[0]:g}-{temperatures[-1]:g} °C"
+        )
+    table = np.array([PLATE5_T1_V2_3T_MS[t] for t in temperatures])  # (6, 14)
+    spline = interp1d(np.log(temperatures), np.log(table), kind="quadratic", axis=0)
+    return np.exp(spline(np.log(temperature_c)))
+
+
+def reference_t1(
+    plate: int,
+    field_strength: float | None,
+    serial: int | None = None,
+    temperature_c: float | None = None,
+) -> Reference:
+    """Reference T1 of the spheres of ``plate`` for a field, phantom version and temperature.
+
+    - Version 1 or 2 follows from the serial number (2 from 0043 on); without one, version 1
+      is assumed and ``assumptions`` says so.
+    - Without a temperature, 20 °C is assumed and said.
+    - Plate 5 at 3 T: the version-2 values are interpolated in temperature
+      (:func:`plate5_t1_3t_temperature`); version 1 is that curve scaled, sphere by sphere,
+      by the ratio of the version-1 to the version-2 values at 20 °C (as the RRSG-qMRSG
+      challenge does).
+    - Plate 5 at 1.5 T: only version 1 at 20 °C is published. Another temperature or
+      version 2 scales it by the same relative change as at 3 T; ``assumptions`` says so.
+    - Plate 4: only version 1 at 20 °C is published; these values are returned for any
+      version and temperature, and ``assumptions`` says so.
+
+    Parameters
+    ----------
+    plate
+        4 or 5.
+    field_strength
+        B0 in T; the nearest table (1.5 or 3 T, within 0.3 T) is used.
+    serial
+        The phantom's serial number.
+    temperature_c
+        The phantom's temperature in °C.
+
+    Returns
+    -------
+    Reference
+        14 values in s, with the assumptions made.
+    """
+    plate, field = _check_plate(plate), _tabulated_field(field_strength)
+    version, said = _version(serial)
+    notes = [said] if said else []
+    assumed_temperature = temperature_c is None
+    if temperature_c is None:
+        temperature_c = 20.0
+        notes.append("20 °C assumed (no temperature given)")
+    temperature_c = float(temperature_c)
+    values = np.asarray(T1_V1_MS[plate, field], float)
+    if plate == 5:
+        v2_20 = np.asarray(PLATE5_T1_V2_3T_MS[20.0])
+        curve = plate5_t1_3t_temperature(temperature_c)  # version 2, 3 T
+        if field == 3.0:
+            values = curve if version == 2 else curve * values / v2_20
+        else:
+            # version 2: the 3 T ratio of version 2 to 1; either: the 3 T temperature change
+            values = values * curve / (np.asarray(T1_V1_MS[5, 3.0]) if version == 2 else v2_20)
+            if version == 2 or temperature_c != 20.0:
+                notes.append(
+                    "1.5 T: the version-1 20 °C values scaled by the change at 3 T "
+                    "(no published 1.5 T table for this version and temperature)"
+                )
+    elif version == 2 or temperature_c != 20.0:
+        notes.append("plate 4: the version-1 20 °C values (no other table is published)")
+    return Reference(
+        "T1", plate, field, version, temperature_c, tuple(values / 1000), FILL_T1_MS / 1000,
+        "; ".join(notes), serial is None, assumed_temperature,
+    )  # fmt: skip
+
+
+def reference_t2(
+    plate: int,
+    field_strength: float | None,
+    serial: int | None = None,
+    temperature_c: float | None = None,
+) -> Reference:
+    """Reference T2 of the spheres of ``plate`` (4 or 5) for a field (1.5 or 3 T).
+
+    Only the version-1 values at 20 °C are published (hazen's tables); they are returned for
+    any version and temperature, and ``assumptions`` says what was assumed or not corrected.
+    Parameters as for :func:`reference_t1`.
+    """
+    plate, field = _check_plate(plate), _tabulated_field(field_strength)
+    version, said = _version(serial)
+    notes = [said] if said else []
+    assumed_temperature = temperature_c is None
+    if temperature_c is None:
+        temperature_c = 20.0
+        notes.append("20 °C assumed (no temperature given)")
+    if version == 2 or float(temperature_c) != 20.0:
+        notes.append("T2: the version-1 20 °C values (no other table is published)")
+    values = np.asarray(T2_V1_MS[plate, field], float) / 1000
+    return Reference(
+        "T2", plate, field, version, float(temperature_c), tuple(values), FILL_T2_MS / 1000,
+        "; ".join(notes), serial is None, assumed_temperature,
+    )  # fmt: skip

@@ -127,3 +127,80 @@ def test_4d_echo_count_disagrees_with_volumes(tmp_path):
 def test_no_matching_files(tmp_path):
     with pytest.raises(nifti.NiftiSeriesError, match="no NIfTI files match"):
         nifti.load_nifti_series(tmp_path)
+
+
+# --- without a sidecar: echo times from the caller; a file path; times that look like ms --
+
+
+def test_4d_file_without_sidecar_takes_echo_times(tmp_path):
+    path = _write_4d(tmp_path, [0.005, 0.010, 0.015])
+    (tmp_path / "me.json").unlink()
+    images, header = nifti.load_nifti_series(path, echo_times=[0.005, 0.010, 0.015])
+    assert images.shape == (3, 2, 5, 4)
+    assert header.te.tolist() == pytest.approx([0.005, 0.010, 0.015])
+    assert images[:, 0, 0, 0].tolist() == pytest.approx([100, 100 / np.e, 100 / np.e**2])
+    assert header.tr is None and header.sidecar == {}
+    assert header.files == [path]
+
+
+def test_a_file_path_is_accepted_like_a_folder(tmp_path):
+    path = _write_4d(tmp_path, [0.005, 0.010, 0.015])
+    from_file = nifti.load_nifti_series(path)
+    from_folder = nifti.load_nifti_series(tmp_path)
+    assert torch.equal(from_file[0], from_folder[0])
+    assert torch.equal(from_file[1].te, from_folder[1].te)
+
+
+def test_missing_sidecar_says_what_to_pass(tmp_path):
+    path = _write_4d(tmp_path, [0.005, 0.010, 0.015])
+    (tmp_path / "me.json").unlink()
+    with pytest.raises(
+        nifti.NiftiSeriesError, match=r"me\.nii\.gz: no JSON sidecar.*echo_times=.*EchoTime"
+    ):
+        nifti.load_nifti_series(path)
+
+
+@pytest.mark.parametrize("where", ["sidecar", "argument"])
+def test_4d_echo_times_that_look_like_ms_are_refused(tmp_path, where):
+    path = _write_4d(tmp_path, [5.0, 10.0, 15.0])
+    kwargs = {}
+    if where == "argument":
+        (tmp_path / "me.json").unlink()
+        kwargs["echo_times"] = [5.0, 10.0, 15.0]
+    with pytest.raises(
+        nifti.NiftiSeriesError, match=r"me\.nii\.gz volume 0: echo time 5 looks like ms, not s"
+    ):
+        nifti.load_nifti_series(path, **kwargs)
+
+
+def test_echo_times_that_disagree_with_a_sidecar(tmp_path):
+    path = _write_4d(tmp_path, [0.005, 0.010, 0.015])
+    with pytest.raises(nifti.NiftiSeriesError, match=r"me\.json says EchoTime .* echo_times gives"):
+        nifti.load_nifti_series(path, echo_times=[0.005, 0.010, 0.020])
+
+
+def test_3d_files_without_sidecars_in_the_order_of_echo_times(tmp_path):
+    volumes = [np.full((4, 5, 2), 100.0 * np.exp(-k), dtype=np.float32) for k in range(3)]
+    paths = []
+    for k, volume in zip((3, 1, 2), volumes, strict=True):  # names not in echo order
+        paths.append(tmp_path / f"echo{k}.nii.gz")
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), paths[-1])
+    images, header = nifti.load_nifti_series(paths, echo_times=[0.003, 0.009, 0.006])
+    assert header.te.tolist() == pytest.approx([0.003, 0.006, 0.009])
+    assert images[:, 0, 0, 0].tolist() == pytest.approx([100, 100 / np.e**2, 100 / np.e])
+    with pytest.raises(nifti.NiftiSeriesError, match="pass the files as a list"):
+        nifti.load_nifti_series(tmp_path, echo_times=[0.003, 0.009, 0.006])
+    with pytest.raises(nifti.NiftiSeriesError, match="echo3.nii.gz: echo time 3 looks like ms"):
+        nifti.load_nifti_series(paths, echo_times=[3, 9, 6])
+
+
+def test_kidney_echoes_without_sidecars_match_the_sidecar_load(kidney, tmp_path):
+    folder = _copy_echoes(kidney, tmp_path, n=12)
+    reference, truth = nifti.load_nifti_series(folder)
+    for sidecar in folder.glob("*.json"):
+        sidecar.unlink()
+    paths = [folder / f"00024__bh3x_r2star_inphase_volume_e{k}.nii.gz" for k in range(1, 13)]
+    images, header = nifti.load_nifti_series(paths, echo_times=truth.te.tolist())
+    assert torch.equal(images, reference)
+    assert torch.equal(header.te, truth.te)
+    assert (header.te * 1000).tolist() == pytest.approx(KIDNEY_TE_MS, abs=0.01)

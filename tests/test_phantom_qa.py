@@ -8,8 +8,9 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from qmri_helpers import models, phantom, phantom_qa
+from qmri_helpers import models, phantom, phantom_qa, qa_report
 
 matplotlib.use("Agg")
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,9 @@ def test_embedded_plate5_t1_matches_the_truth_and_flags_short_spheres(plate5):
     # nominal T1 below the shortest TI (50 ms): never reported as a pass
     assert list(table.status[11:]) == ["unreliable"] * 3
     assert table.note[11].startswith("T1 below the shortest TI")
-    assert table.columns[4] == "nominal 1.5 T (ms)"
+    assert "nominal 1.5 T (ms)" in table.columns
+    assert qa.plate == 5 and qa.plate_choice.detected
+    assert set(table.reference) == {"plate 5, version 1 (assumed), 20 °C (assumed), 1.5 T"}
 
 
 def test_table_fails_a_sphere_outside_the_tolerance_and_exports_csv(plate5, tmp_path):
@@ -152,3 +155,99 @@ def test_notebook_04_on_every_hazen_site(hazen):
         text = _run("04_phantom_qa.py", setup)
         assert f"Data used: your scan: {hazen / 'T1' / site / 'plate5'}" in text
         assert "spheres detected as circles: 14 of 14" in text
+
+
+@pytest.fixture(scope="module")
+def plate4(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("plate4")
+    truth = phantom.write_plate4_phantom(folder)
+    return folder, truth, phantom_qa.run_t1_qa(folder)
+
+
+def test_embedded_plate4_is_detected_and_scored_against_the_plate4_table(plate4):
+    _, truth, qa = plate4
+    assert qa.plate == 4 and qa.plate_choice.detected
+    assert qa.plate_choice.mismatch[4] < 0.03 and qa.plate_choice.mismatch[5] > 0.5
+    true_ms = np.array([truth.t1[truth.labels == s][0] for s in range(1, 15)]) * 1000
+    np.testing.assert_allclose(qa.table["nominal 1.5 T (ms)"], true_ms)
+    resolved = (qa.table.status != "unreliable").to_numpy()
+    assert resolved[2:].all()
+    measured = qa.table["T1 median (ms)"].to_numpy()
+    assert np.abs(measured[resolved] / true_ms[resolved] - 1).max() < 0.03
+    assert "plate 4" in qa.summary and "plate 4" in qa.table.reference[0]
+
+
+def test_a_named_plate_that_the_values_contradict_is_refused(plate4, plate5):
+    with pytest.raises(ValueError, match=r"plate=5 was given, but the fitted T1 contradict"):
+        phantom_qa.run_t1_qa(plate4[0], plate=5)
+    with pytest.raises(ValueError, match=r"plate=4 was given.*fit plate 5's"):
+        phantom_qa.run_t1_qa(plate5[0], plate=4)
+
+
+def test_mirrored_embedded_plate_keeps_its_labels(plate5, tmp_path):
+    from test_phantom_orientation import _copy
+
+    folder, truth, _ = plate5
+    qa = phantom_qa.run_t1_qa(_copy(folder, tmp_path / "mirrored", np.fliplr))
+    labels = np.fliplr(truth.labels[0])
+    assert qa.spheres.mirrored and qa.spheres.margin > 0.15
+    for sphere, (row, col) in enumerate(qa.spheres.centres[:14], start=1):
+        assert labels[round(row), round(col)] == sphere
+    assert "mirrored" in qa.summary
+
+
+def test_scrambled_embedded_plate_is_refused(plate5, tmp_path):
+    from test_phantom_orientation import _copy, _scrambler
+
+    folder, _, qa = plate5
+    _, change = _scrambler(qa, seed=1)
+    scrambled = _copy(folder, tmp_path / "scrambled", change)
+    with pytest.raises(ValueError, match=rf"{scrambled}: no orientation .* makes T1 fall"):
+        phantom_qa.run_t1_qa(scrambled)
+
+
+def test_roi_statistics_against_closed_forms():
+    rng = np.random.default_rng(0)
+    values = rng.normal(100.0, 5.0, 100_000)
+    stats = qa_report.roi_statistics(values, np.full_like(values, 2.0))
+    assert stats["median"] == pytest.approx(100, abs=0.1)
+    assert stats["robust_sd"] == pytest.approx(5.0, rel=0.02)
+    assert stats["iqr"] == pytest.approx(2 * 0.6745 * 5.0, rel=0.02)
+    # SD of the median: sqrt(pi/2) sigma / sqrt(n), from the CR SD and from the spread
+    assert stats["cr_sd_median"] == pytest.approx(np.sqrt(np.pi / 2) * 2.0 / np.sqrt(1e5))
+    assert stats["sd_median"] == pytest.approx(np.sqrt(np.pi / 2) * 5.0 / np.sqrt(1e5), rel=0.02)
+    # and the SD of the median of 25 samples, checked by simulation
+    medians = np.median(rng.normal(0, 1, (20_000, 25)), axis=1)
+    assert medians.std() == pytest.approx(np.sqrt(np.pi / 2) / 5, rel=0.05)
+
+
+def test_a_spread_the_cramer_rao_sd_misses_makes_a_sphere_unreliable(plate5):
+    _, _, qa = plate5
+    t1 = qa.t1.clone()
+    row, col = (int(round(v)) for v in qa.spheres.centres[4])
+    noise = torch.from_numpy(np.random.default_rng(0).normal(1, 0.3, (5, 5))).to(t1.dtype)
+    t1[row - 2 : row + 3, col - 2 : col + 3] *= noise  # 30% spread, CR SD unchanged
+    table = phantom_qa.sphere_table(t1, qa.fit.sd["t1"][0], qa.spheres, qa.header)
+    assert table.status[4] == "unreliable"
+    assert table.note[4].startswith("median uncertain by")
+    assert table["CR SD of median (%)"][4] < 1 < 5 < table["SD of median (%)"][4]
+    assert (qa.table.status[:11] == "pass").all()  # the untouched table
+
+
+def test_roi_figure_says_what_each_marker_means(plate5):
+    _, _, qa = plate5
+    fig = phantom_qa.plot_rois(qa.images[-1], qa.spheres, title="synthetic", plate=qa.plate)
+    ax = fig.axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == [
+        "ROI, circle detected",
+        "ROI, template position only",
+        "15: water fill (no sphere)",
+    ]
+    assert ax.get_title().startswith("plate 5, rotated")
+    numbers = [t for t in ax.texts if t.get_text().isdigit()]
+    assert len(numbers) == 15 and {t.get_color() for t in numbers} == {"white"}
+    assert all(t.get_path_effects() for t in numbers)  # the black outline
+    fig.canvas.draw()
+    title = fig._suptitle.get_window_extent()
+    assert not title.overlaps(fig.axes[1].get_window_extent())  # the colorbar
