@@ -388,6 +388,7 @@ def epg_cpmg_model(
     """
     from .epg import cpmg_echo_spacing, cpmg_signal  # the recursion lives in its own module
 
+    check_times(te, "TE")
     esp = cpmg_echo_spacing(te)
     n_echoes = int(torch.as_tensor(te).numel())
 

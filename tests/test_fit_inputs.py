@@ -109,6 +109,7 @@ def test_sort_model_times_leaves_sorted_models_alone():
         lambda: models.mono_exponential(TE * 1000),
         lambda: models.mono_exp_model(TE * 1000),
         lambda: models.mono_exp_model(TE * 1000, name="t2"),
+        lambda: models.epg_cpmg_model(torch.arange(1, 33) * 10.0),  # ESP 10 ms, in ms
     ],
     ids=[
         "inversion_recovery",
@@ -121,6 +122,7 @@ def test_sort_model_times_leaves_sorted_models_alone():
         "mono_exponential",
         "mono_exp_model",
         "mono_exp_model t2",
+        "epg_cpmg_model",
     ],
 )
 def test_times_in_ms_are_refused_by_every_model(build):
