@@ -229,8 +229,8 @@ class FitResult:
 
         Examples
         --------
-        ``"4096 voxels fitted: 4001 valid, 95 failed (90 no signal (all zero), 5 NaN or inf in
-        the data)"``
+        ``"4096 voxels fitted: 4001 valid, 95 failed (90 without signal (all zero), 5 with NaN
+        or inf in the data)"``
         """
         line = f"{self.n_fitted} voxels fitted: {int(self.valid.sum())} valid"
         if not self.n_failed:
