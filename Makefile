@@ -1,9 +1,9 @@
 # Everything a user or CI needs, in a local virtual environment (.venv).
-#   make tutorial   install, then execute notebook 01 into reports/ (.ipynb and .html)
-#   make test       install (Chromium too, where apt-get can), lint, build the HTML reports,
-#                   then run every test: the package, the notebooks, the browser
-# Other targets: setup, run or reports (every notebook, executed, into reports/*.ipynb and
-# *.html), lint, sync (re-pair .py/.ipynb), clean.
+#   make tutorial   install, then execute the notebooks into the site, build/site/index.html
+#   make test       install (Chromium too, where missing and apt-get can), lint, build the
+#                   site, then run every test: the package, the notebooks, the browser
+# Other targets: setup, site (TEACHER=1: the teacher edition), lint, sync (re-pair
+# .py/.ipynb), clean.
 PYTHON ?= python3
 VENV ?= .venv
 # Pinned: an unpinned torch pulls several GB of CUDA wheels on Linux. Where pip's index has
@@ -14,7 +14,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
 
-.PHONY: setup tutorial run reports browser test lint sync clean
+.PHONY: setup site tutorial browser test lint sync clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,48 +25,43 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The HTML reports load MathJax from reports/mathjax, so their equations render offline too:
-# MathJax 2 as the jupyter-server-mathjax package ships it, with the STIX-Web fonts it has.
-MATHJAX_URL := mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe,local/stix
+# The site: every notebooks/NN_topic notebook, executed (through jupyter-cache, so an
+# unchanged notebook does not run again), with a landing page, navigation, search and the
+# data sources; MathJax and everything else are local, so it reads offline. docs/ holds its
+# sources, build/ the result. TEACHER=1 builds the teacher edition, with the exercises'
+# solutions shown in full, into build/site-teacher.
+SITE := build/site$(if $(TEACHER),-teacher)
 
-reports/mathjax/MathJax.js: $(VENV)/.installed
-	rm -rf reports/mathjax && mkdir -p reports
-	cp -r "$$($(BIN)/python -c 'import jupyter_server_mathjax as m, pathlib; \
-		print(pathlib.Path(m.__file__).parent / "static")')" reports/mathjax
-	mkdir -p reports/mathjax/config/local
-	printf '%s\n' \
-		'MathJax.Hub.Config({"HTML-CSS": {availableFonts: [], preferredFont: null, webFont: "STIX-Web", imageFont: null}});' \
-		'MathJax.Ajax.loadComplete("[MathJax]/config/local/stix.js");' \
-		> reports/mathjax/config/local/stix.js
-	touch $@
+site: $(VENV)/.installed
+	$(BIN)/sphinx-build -b html -W --keep-going -q $(if $(TEACHER),-t teacher) \
+		-d $(SITE)-doctrees docs $(SITE)
+	@echo "Site: $(SITE)/index.html"
 
-reports/%.ipynb: notebooks/%.ipynb $(VENV)/.installed reports/mathjax/MathJax.js
-	$(BIN)/jupyter nbconvert --to notebook --execute $< --output-dir reports \
-		--ExecutePreprocessor.timeout=900 --TagRemovePreprocessor.enabled=True \
-		--TagRemovePreprocessor.remove_cell_tags=remove-cell
-	$(BIN)/jupyter nbconvert --to html $@ --ClearMetadataPreprocessor.enabled=True \
-		'--HTMLExporter.mathjax_url=$(MATHJAX_URL)'
-
-tutorial: reports/01_t1_inversion_recovery.ipynb
-	@echo "Executed notebook and HTML report: reports/01_t1_inversion_recovery.{ipynb,html}"
-
-run: $(NOTEBOOKS:notebooks/%.py=reports/%.ipynb)
-
-reports: run
-	@echo "HTML reports of every notebook: reports/*.html"
+tutorial: site
+	@echo "The T1 tutorial: $(SITE)/notebooks/01_t1_inversion_recovery.html"
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 # Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser).
+# Only where it is missing, as root, and only Chromium and the libraries it needs: no
+# recommended packages, and nothing upgraded: where apt-get would upgrade a package to
+# install it, this says so and installs nothing.
+APT_CHROMIUM := apt-get install -y -qq --no-install-recommends --no-upgrade chromium
 browser:
 	@if [ -x "$${QMRI_CHROMIUM:-/usr/bin/chromium}" ]; then echo "Browser: $${QMRI_CHROMIUM:-/usr/bin/chromium}"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		apt-get update -qq && \
+		upgrades="$$($(APT_CHROMIUM) --simulate | grep '^Inst [^ ]* \[' || true)" && \
+		if [ -n "$$upgrades" ]; then \
+			echo "Not installing chromium: apt-get would also upgrade:"; echo "$$upgrades"; \
+			echo "Install it yourself (apt-get install chromium); the browser tests skip without it"; \
+		else DEBIAN_FRONTEND=noninteractive $(APT_CHROMIUM); fi; \
 	else echo "No /usr/bin/chromium: the browser tests will skip (sudo apt-get install chromium)"; fi
 
-test: lint browser reports
+test: lint browser site
+	$(MAKE) site TEACHER=1
 	$(BIN)/pytest --nbmake
 
 sync: setup
@@ -74,4 +69,4 @@ sync: setup
 	$(BIN)/jupytext --sync $(NOTEBOOKS)
 
 clean:
-	rm -rf reports .pytest_cache
+	rm -rf build docs/notebooks .pytest_cache

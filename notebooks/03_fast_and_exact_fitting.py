@@ -127,14 +127,16 @@ fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrain
 ax_loss.loglog(np.arange(1, len(adam.loss_history) + 1), adam.loss_history, label="Adam")
 ax_loss.loglog(np.arange(1, len(lm.loss_history) + 1), lm.loss_history, "o-", label="VarPro + LM")
 ax_loss.set(
-    xlabel="iteration (0 = start)",
+    xlabel="iteration + 1 (1 = the start)",
     ylabel="mean squared error (a.u.²)",
     title="Loss over iterations",
 )
 ax_err.semilogx(*zip(*adam_errors, strict=True), label="Adam")
 ax_err.semilogx([k + 1 for k, _ in lm_errors], [e for _, e in lm_errors], "o-", label="VarPro + LM")
 ax_err.set(
-    xlabel="iteration + 1", ylabel="median |relative T1 error|", title="T1 error over iterations"
+    xlabel="iteration + 1 (1 = the start)",
+    ylabel="median |relative T1 error|",
+    title="T1 error over iterations",
 )
 ax_err.yaxis.set_major_formatter(PercentFormatter(1.0))
 for ax in (ax_loss, ax_err):
@@ -142,13 +144,38 @@ for ax in (ax_loss, ax_err):
     ax.grid(True, which="both", alpha=0.3)
 
 # %% [markdown]
-# The grid start with closed-form M0 (iteration 0) is already better than Adam's dictionary
+# Both axes count iterations from 1, the start, so that a log axis can show it. The grid
+# start with closed-form M0 (iteration 0, at 1 on the axis) is already better than Adam's dictionary
 # start, because M0 is exact for each grid value and a parabola through the scores of the
 # neighbouring grid values places T1 between them. Two or three LM steps then reach the
 # least-squares optimum; Adam approaches it over hundreds of steps and never quite arrives.
 # Both end at the same *noise-limited* error against the truth: speed, not accuracy, is what
 # Adam gives away on this phantom. `benchmarks/fit_speed.py` measures it on larger volumes.
 #
+# ### Exercise 1
+# The closed form behind the grid start: for a fixed T1 the model is linear in M0,
+# $y \approx M_0\,\varphi$ with $\varphi = |1 - 2 e^{-TI/T_1}|$. Write
+# `best_m0(signal, basis)` that returns the least-squares M0 of every voxel, for `signal` of
+# shape `(n_TI, n_voxels)` and `basis` $\varphi$ of shape `(n_TI,)`, as a tensor of shape
+# `(n_voxels,)`. Hint: set the derivative of $\sum_i (y_i - M_0 \varphi_i)^2$ to zero.
+
+# %%
+# Write your code here.
+
+# %% [markdown]
+# ### Solution for Exercise 1
+# Expand the cell below to see one solution.
+
+
+# %% tags=["solution", "hide-input"] jupyter={"source_hidden": true}
+def best_m0(signal, basis):
+    return (basis @ signal) / (basis @ basis)  # phi . y / phi . phi, for every voxel
+
+
+# %%
+qh.exercises.check_closed_form_m0(best_m0)
+
+# %% [markdown]
 # ## 3. The right model for a short TR
 # The seed's model assumes the magnetisation recovers completely between inversions,
 # $TR \gg T_1$. Clinical protocols use TR of 1-2.5 s, so it does not. Two remedies:

@@ -14,6 +14,7 @@ Each module holds one concern; the notebooks call them in the order of a fit::
 from . import (
     data,
     dicom,
+    epg,
     exercises,
     export,
     fitting,
@@ -27,6 +28,8 @@ from . import (
     reference,
     solvers,
     spheres,
+    t2_fitting,
+    t2_qa,
     validation,
     widgets,
 )
@@ -34,6 +37,7 @@ from . import (
 __all__ = [
     "data",
     "dicom",
+    "epg",
     "exercises",
     "export",
     "fitting",
@@ -47,6 +51,8 @@ __all__ = [
     "reference",
     "spheres",
     "solvers",
+    "t2_fitting",
+    "t2_qa",
     "validation",
     "widgets",
 ]

@@ -145,8 +145,7 @@ def cache_dir() -> Path:
 
 
 def _alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
-        return True
+    """Whether process ``pid`` runs; POSIX only (on Windows, os.kill would end it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -159,8 +158,8 @@ def _alive(pid: int) -> bool:
 def _clean_stale(folder: Path) -> list[Path]:
     """Remove what a killed download, unzip or phantom write left in ``folder``.
 
-    Temporary folders of this module whose process is gone (or, without a process id, that
-    are older than an hour), and pooch's empty ``tmp*`` download files. Returns what went.
+    Temporary folders of this module whose process is gone (without a process id, or on
+    Windows: older than an hour), and pooch's empty ``tmp*`` download files. Returns what went.
     """
     removed = []
     if not folder.is_dir():
@@ -168,10 +167,11 @@ def _clean_stale(folder: Path) -> list[Path]:
     for path in folder.iterdir():
         match = _TEMPORARY.match(path.name)
         if match is not None and path.is_dir():
-            pid = match.group(2)
-            stale = (
-                not _alive(int(pid)) if pid else time.time() - path.stat().st_mtime > _STALE_AFTER_S
-            )
+            pid, age = match.group(2), time.time() - path.stat().st_mtime
+            if pid and os.name != "nt":  # after a day, the process id may have been reused
+                stale = not _alive(int(pid)) or age > 24 * _STALE_AFTER_S
+            else:
+                stale = age > _STALE_AFTER_S
             if stale:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)

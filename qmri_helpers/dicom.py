@@ -258,10 +258,17 @@ def _images(datasets: list[pydicom.Dataset], paths: list[Path]) -> list[_Image]:
     return images
 
 
+def _present(raw: object) -> bool:
+    """Whether a value is there: not absent, not empty text, not an empty list."""
+    if isinstance(raw, MultiValue | list | tuple):
+        return len(raw) > 0
+    return raw is not None and raw != ""
+
+
 def _number(image: _Image, name: str, *, unit: str = "") -> float | None:
     """A numeric attribute of one image, or None if absent; a clear error if not a number."""
     raw = image.get(name)
-    if raw is None or raw == "" or (isinstance(raw, MultiValue | list | tuple) and not raw):
+    if not _present(raw):
         return None
     if isinstance(raw, MultiValue | list | tuple):
         if len(raw) != 1:
@@ -366,7 +373,7 @@ def _choose_contrast(images: list[_Image], sort_by: str | None) -> str:
         if sort_by not in _CONTRAST_TAGS:
             raise ValueError(f"sort_by must be one of {_CONTRAST_TAGS} or None, got {sort_by!r}")
         return sort_by
-    if any(image.get("InversionTime") not in (None, "") for image in images):
+    if any(_present(image.get("InversionTime")) for image in images):
         return "InversionTime"
     return "EchoTime"
 

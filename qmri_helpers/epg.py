@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from .exercises import Feedback
+
 __all__ = [
     "initial_state",
     "relax",
@@ -270,7 +272,7 @@ def _check_relax(step) -> str:
     out = _answer(step, state.clone(), e1, e2)
     expected = relax(state, e1, e2)
     if _close(out, expected):
-        return "relax is right: F+ and F- decay with E2, Z with E1."
+        return "relax: F+ and F- decay with E2, Z with E1."
     if _close(out, torch.stack([state[0] * e1, state[1] * e1, state[2] * e2])):
         raise AssertionError("E1 and E2 are swapped: the transverse states F± decay with E2")
     if _close(out[:2], expected[:2]) and not _close(out[2], expected[2]):
@@ -296,7 +298,7 @@ def _check_rotate(step) -> str:
     alpha = torch.tensor([math.pi, 0.8 * math.pi, math.pi / 2, 2.0], dtype=torch.float64)
     out = _answer(step, state.clone(), alpha)
     if _close(out, rotate(state, alpha)):
-        return "rotate is right: the CPMG refocusing matrix, applied order by order."
+        return "rotate: the CPMG refocusing matrix, applied to every order."
     if _close(out, rotate(state, alpha * math.pi / 180)) or _close(
         out, rotate(state, alpha * 180 / math.pi)
     ):
@@ -321,7 +323,7 @@ def _check_rotate(step) -> str:
     raise AssertionError(f"not yet: the rows {', '.join(wrong_rows)} are wrong.{hint}")
 
 
-def check_epg_step(step, which: str | None = None) -> str:
+def check_epg_step(step, which: str | None = None) -> Feedback:
     """Check a learner's EPG step against the reference, and say what is wrong if it is.
 
     Parameters
@@ -335,21 +337,19 @@ def check_epg_step(step, which: str | None = None) -> str:
 
     Returns
     -------
-    str
-        A sentence saying it is right.
-
-    Raises
-    ------
-    AssertionError
-        When it is not, with the reason (swapped E1/E2, degrees for radians, ...).
+    qmri_helpers.exercises.Feedback
+        True with what the step does when it is right; False with the likely mistake
+        (swapped E1/E2, degrees for radians, a rotation the wrong way round, ...) when not.
     """
     if which is None:
         import inspect
 
         n_args = len(inspect.signature(step).parameters)
         which = "relax" if n_args == 3 else "rotate"
-    if which == "relax":
-        return _check_relax(step)
-    if which == "rotate":
-        return _check_rotate(step)
-    raise ValueError(f"which must be 'relax' or 'rotate', got {which!r}")
+    checks = {"relax": _check_relax, "rotate": _check_rotate}
+    if which not in checks:
+        raise ValueError(f"which must be 'relax' or 'rotate', got {which!r}")
+    try:
+        return Feedback(True, checks[which](step))
+    except AssertionError as why:
+        return Feedback(False, str(why))

@@ -285,7 +285,7 @@ def check_passing_spheres(
     if chosen == right:
         return Feedback(
             True,
-            f"{n} sphere{'s' if n != 1 else ''} within ±{tolerance:.0%} of nominal, "
+            f"{n} sphere{'s' if n != 1 else ''} within ±{tolerance * 100:g}% of nominal, "
             "none of them unreliable.",
         )
     with_unreliable = set(sphere[difference <= tolerance].tolist())
@@ -302,7 +302,7 @@ def check_passing_spheres(
         if chosen == set(sphere[reliable & (difference <= tolerance * scale)].tolist()):
             return Feedback(
                 False,
-                f"'vs nominal (%)' is in percent: ±{tolerance:.0%} is {tolerance * 100:g} "
+                f"'vs nominal (%)' is in percent: ±{tolerance * 100:g}% is {tolerance * 100:g} "
                 f"there, and {tolerance:g} as a fraction.",
             )
     missing, extra = sorted(right - chosen), sorted(chosen - right)

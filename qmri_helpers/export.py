@@ -17,6 +17,7 @@ top, counts them and warns, so that one runaway voxel cannot flatten the rest of
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -32,9 +33,18 @@ import torch
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from . import bids
 from .dicom import SeriesHeader
+from .nifti import NiftiHeader
 
-__all__ = ["ExportWarning", "dicom_affine", "to_nifti", "to_dicom", "to_parametric_map"]
+__all__ = [
+    "ExportWarning",
+    "dicom_affine",
+    "to_nifti",
+    "to_dicom",
+    "to_parametric_map",
+    "to_bids",
+]
 
 #: DICOM's patient axes (LPS) to NIfTI's (RAS).
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -107,23 +117,36 @@ def dicom_affine(header: SeriesHeader) -> np.ndarray:
     return _LPS_TO_RAS @ affine
 
 
-def _numpy_map(values: torch.Tensor | np.ndarray, header: SeriesHeader) -> np.ndarray:
+def _numpy_map(values: torch.Tensor | np.ndarray, header: SeriesHeader | NiftiHeader) -> np.ndarray:
     """The map as float32 ``(z, y, x)``, checked against the series it is to be stored with."""
     array = np.asarray(torch.as_tensor(values).detach().cpu(), dtype=np.float32)
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3:
         raise ValueError(f"a map must have shape (z, y, x) or (y, x), got {array.shape}")
-    first = pydicom.dcmread(header.files[0][0], stop_before_pixels=True)
-    expected = (len(header.files[0]), int(first.Rows), int(first.Columns))
+    if isinstance(header, NiftiHeader):
+        x, y, z = nib.load(header.files[0]).shape[:3]
+        expected, source = (z, y, x), header.files[0]
+    else:
+        first = pydicom.dcmread(header.files[0][0], stop_before_pixels=True)
+        expected = (len(header.files[0]), int(first.Rows), int(first.Columns))
+        source = header.files[0][0].parent
     if array.shape != expected:
         raise ValueError(
             f"the map has shape {array.shape} (slices, rows, columns) but the series "
-            f"{header.files[0][0].parent} has {expected}"
+            f"{source} has {expected}"
         )
     if not np.isfinite(array).all():
         raise ValueError("the map holds NaN or inf: mask failed voxels (set them to 0) first")
     return array
+
+
+def _dicom_only(header: SeriesHeader | NiftiHeader, what: str) -> None:
+    if not isinstance(header, SeriesHeader):
+        raise TypeError(
+            f"{what} needs the header of a DICOM series (dicom.load_series), got "
+            f"{type(header).__name__}: write NIfTI (to_nifti, to_bids) instead"
+        )
 
 
 def _check_name(name: str, folder: Path) -> None:
@@ -137,7 +160,7 @@ def _check_name(name: str, folder: Path) -> None:
 
 def to_nifti(
     values: torch.Tensor | np.ndarray,
-    header: SeriesHeader,
+    header: SeriesHeader | NiftiHeader,
     path: str | Path,
     description: str = "",
 ) -> Path:
@@ -148,7 +171,9 @@ def to_nifti(
     values
         The map, in the units you want stored (e.g. T1 in s).
     header
-        The header of the series the map was fitted from (:func:`~qmri_helpers.dicom.load_series`).
+        The header of the series the map was fitted from: DICOM
+        (:func:`~qmri_helpers.dicom.load_series`; the affine is :func:`dicom_affine`) or NIfTI
+        (:func:`~qmri_helpers.nifti.load_nifti_series`; its affine is kept).
     path
         Output file, ``.nii`` or ``.nii.gz``; a name without either gets ``.nii`` (as nibabel
         does). An existing folder is refused.
@@ -169,7 +194,8 @@ def to_nifti(
     if not path.name.endswith((".nii", ".nii.gz")):
         path = path.with_name(path.name + ".nii")
     array = _numpy_map(values, header)
-    image = nib.Nifti1Image(np.transpose(array, (2, 1, 0)), dicom_affine(header))
+    affine = header.affine if isinstance(header, NiftiHeader) else dicom_affine(header)
+    image = nib.Nifti1Image(np.transpose(array, (2, 1, 0)), affine)
     image.header.set_xyzt_units(xyz="mm", t="sec")
     image.header["descrip"] = description[:79].encode()
     image.set_qform(image.affine, code=1)
@@ -287,6 +313,7 @@ def to_dicom(
         The files written, in slice order.
     """
     folder = Path(folder)
+    _dicom_only(header, "to_dicom")
     _check_name(name, folder)
     array = _numpy_map(values, header).astype(np.float64) * scale
     if (array < 0).any():
@@ -365,7 +392,7 @@ def _write_slices(
     return paths
 
 
-def package_version() -> str:
+def _package_version() -> str:
     """The installed version of qmri-tutorials ("unknown" when run from a bare checkout)."""
     try:
         return metadata.version("qmri-tutorials")
@@ -418,6 +445,7 @@ def to_parametric_map(
         The file written.
     """
     path = Path(path)
+    _dicom_only(header, "to_parametric_map")
     _check_name(name, path.parent)
     if unit not in _UCUM:
         raise ValueError(f"unit {unit!r} is not one of {sorted(_UCUM)} (UCUM units)")
@@ -457,7 +485,7 @@ def to_parametric_map(
             instance_number=1,
             manufacturer="qmri-tutorials",
             manufacturer_model_name="qmri_helpers",
-            software_versions=package_version(),
+            software_versions=_package_version(),
             device_serial_number="none",
             contains_recognizable_visual_features=recognizable,
             real_world_value_mappings=[mapping],
@@ -469,3 +497,110 @@ def to_parametric_map(
     path.parent.mkdir(parents=True, exist_ok=True)
     pmap.save_as(path)
     return path
+
+
+def _code_url() -> str | None:
+    try:
+        urls = metadata.metadata("qmri-tutorials").get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        return None
+    return next((u.split(",", 1)[1].strip() for u in urls if u.startswith("Repository")), None)
+
+
+def to_bids(
+    maps: dict[str, torch.Tensor | np.ndarray],
+    header: SeriesHeader | NiftiHeader,
+    root: str | Path,
+    subject: str,
+    session: str | None = None,
+    *,
+    algorithm: str,
+    reference: str | None = None,
+    rates: tuple[str, ...] = (),
+    source_datasets: tuple[dict, ...] = (),
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    r"""Write maps as a BIDS qMRI derivative under ``root/derivatives/qmri-tutorials``.
+
+    Each map becomes ``sub-<subject>[_ses-<session>]_<suffix>.nii.gz`` in ``anat/`` with the
+    source's geometry (:func:`to_nifti`) and a JSON sidecar (:func:`qmri_helpers.bids.sidecar`:
+    ``Units``, ``EstimationAlgorithm``, ``EstimationReference``, ``Sources`` as BIDS URIs, the
+    constant acquisition parameters and, as arrays in s, those that vary). The derivative
+    folder gets ``dataset_description.json`` (``"DatasetType": "derivative"``, ``GeneratedBy``,
+    ``DatasetLinks`` for the sources) and a README. The result passes the BIDS validator.
+
+    Parameters
+    ----------
+    maps
+        Maps ``(z, y, x)`` by the fit's parameter names, ``"t1"``, ``"t2star"``, ``"m0"``,
+        ``"r1"``, ``"r2star"`` (e.g. ``result.params``), or by BIDS suffix (``"T1map"`` ...).
+        Times in s, rates in 1/s, M0 in the data's arbitrary unit; other keys are refused.
+    header
+        The header of the series the maps were fitted from (DICOM or NIfTI).
+    root
+        The BIDS dataset's root folder; the derivative goes in ``derivatives/qmri-tutorials``.
+    subject, session
+        BIDS labels (letters and digits, without ``sub-``/``ses-``); no session by default.
+    algorithm
+        How the maps were estimated, e.g. ``"fit_lm: VarPro + Levenberg-Marquardt, |a + b
+        exp(-TI/T1)|"``: the package cannot know which fit you ran.
+    reference
+        The method's reference (a paper, a DOI); by default the package and its version.
+    rates
+        Rate maps to add as the inverse of a time map: ``"R1map"`` (1/T1), ``"R2starmap"``
+        (1/T2*), in 1/s; 0 where the time is 0 (a failed fit).
+    source_datasets
+        ``SourceDatasets`` entries for the description, e.g. ``{"DOI": "doi:10.5281/..."}``.
+    overwrite
+        Replace maps of the same subject, session and suffix instead of refusing.
+
+    Returns
+    -------
+    dict of str to pathlib.Path
+        The NIfTI file of each map, by BIDS suffix.
+    """
+    by_suffix: dict[str, np.ndarray] = {}
+    parameters = {name: suffix for suffix, (_, name) in bids.SUFFIXES.items()}
+    for key, value in maps.items():
+        suffix = parameters.get(key, key)
+        if suffix not in bids.SUFFIXES:
+            raise ValueError(
+                f"map {key!r} has no BIDS name: use one of {sorted(parameters)} "
+                f"or {sorted(bids.SUFFIXES)}"
+            )
+        by_suffix[suffix] = _numpy_map(value, header)
+    for rate in rates:
+        if rate not in bids.RATES:
+            raise ValueError(f"rates: {rate!r} is not one of {sorted(bids.RATES)}")
+        time = by_suffix.get(bids.RATES[rate])
+        if time is None:
+            raise ValueError(f"{rate} is 1/{bids.RATES[rate]}, but maps has no {bids.RATES[rate]}")
+        by_suffix[rate] = np.where(time > 0, 1 / np.where(time > 0, time, 1), 0).astype(np.float32)
+    if not by_suffix:
+        raise ValueError("maps is empty: nothing to write")
+    paths = {s: bids.map_path(root, subject, session, s) for s in by_suffix}
+    existing = [p for p in paths.values() if p.exists() or _sidecar_path(p).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists: pass overwrite=True to replace the maps")
+    derivative = bids.derivative_root(root)
+    version = _package_version()
+    links: dict[str, str] = {}
+    description = derivative / "dataset_description.json"
+    if description.exists():
+        links = dict(json.loads(description.read_text()).get("DatasetLinks", {}))
+    files = (
+        header.files if isinstance(header, NiftiHeader) else [f for c in header.files for f in c]
+    )
+    sources = bids.source_uris(files, derivative, links)
+    bids.write_dataset_description(derivative, version, links, source_datasets, _code_url())
+    reference = reference or f"{bids.PIPELINE} {version} (qmri_helpers), {_code_url() or ''}"
+    for suffix, path in paths.items():
+        units = bids.SUFFIXES[suffix][0]
+        to_nifti(by_suffix[suffix], header, path, description=f"{suffix} ({units})")
+        content = bids.sidecar(suffix, header, sources, algorithm, reference.rstrip(", "))
+        _sidecar_path(path).write_text(json.dumps(content, indent=2) + "\n")
+    return paths
+
+
+def _sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".nii.gz") + ".json")

@@ -320,10 +320,11 @@ def _pack(
     """Scatter per-voxel values back into maps of ``shape``; 0 where not ok or not fitted."""
     maps = {}
     for name, value in values.items():
-        full = torch.zeros(mask_flat.numel(), dtype=dtype)
+        # built on the fit's device, then moved to the CPU once
+        full = torch.zeros(mask_flat.numel(), dtype=dtype, device=value.device)
         clean = torch.where(ok & torch.isfinite(value), value, torch.zeros_like(value))
-        full[mask_flat.cpu()] = clean.cpu().to(dtype)
-        maps[name] = full.reshape(shape)
+        full[mask_flat.to(value.device)] = clean.to(dtype)
+        maps[name] = full.reshape(shape).cpu()
     return maps
 
 
@@ -331,8 +332,9 @@ def _result(
     shape, mask_flat, ok, params, residual_norm, r_squared, sd_unit, sigma, history, device, dtype,
     reasons=None,
 ) -> FitResult:  # fmt: skip
-    valid = torch.zeros(mask_flat.numel(), dtype=torch.bool)
-    valid[mask_flat.cpu()] = ok.cpu()
+    valid = torch.zeros(mask_flat.numel(), dtype=torch.bool, device=ok.device)
+    valid[mask_flat.to(ok.device)] = ok
+    valid = valid.cpu()
     sd = {k: v * sigma for k, v in sd_unit.items()}
     return FitResult(
         params=_pack(shape, mask_flat, ok, params, dtype),
@@ -495,3 +497,4 @@ def fit_adam(
 # The exact solvers live in their own module; they build on the pieces above, so they are
 # imported last (``qmri_helpers/__init__`` imports this module first).
 from .solvers import fit_lm, fit_varpro  # noqa: E402
+from .t2_fitting import fit_epg as fit_epg  # noqa: E402  (EPG T2/B1 fit: own module, same FitResult)

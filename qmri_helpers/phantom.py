@@ -13,10 +13,12 @@ asks.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -36,6 +38,12 @@ __all__ = [
     "write_multi_echo_phantom",
     "write_plate5_phantom",
     "write_plate4_phantom",
+    "write_transformed_copy",
+    "SPIN_ECHO_TE",
+    "SpinEchoPhantom",
+    "make_spin_echo_phantom",
+    "simulate_spin_echo",
+    "write_spin_echo_phantom",
 ]
 
 #: Nominal T1 (s) of spheres 1-14 of the NIST/Caliber T1 plate at 3 T (hazen's table).
@@ -477,3 +485,204 @@ def write_plate4_phantom(
         folder, ti=PLATE5_TI, tr=1.0, te=0.01, snr=snr, shape=(192, 192),
         field_strength=field_strength, seed=seed, fov_mm=250.0, layout="plate4",
     )  # fmt: skip
+
+
+def write_transformed_copy(
+    source: str | Path, target: str | Path, transform: Callable[[np.ndarray], np.ndarray]
+) -> Path:
+    """Copy a folder of single-frame DICOM files, changing only their pixel data.
+
+    Every file is read with pydicom, its image replaced by ``transform(image)`` (e.g.
+    ``np.fliplr`` for a mirrored copy, ``np.rot90`` for one turned by 90 deg) and written
+    under the same name in ``target``; all other tags stay as the scanner wrote them. For
+    teaching and testing what orientation does to an analysis.
+
+    Raises
+    ------
+    ValueError
+        When ``transform`` changes the image's shape (Rows and Columns would then lie), a
+        file is compressed or multi-frame, or ``target`` holds other files.
+    """
+    source, target = Path(source), Path(target)
+    files = sorted(p for p in source.iterdir() if p.is_file())
+    target.mkdir(parents=True, exist_ok=True)
+    others = {p.name for p in target.iterdir()} - {p.name for p in files}
+    if others:
+        raise ValueError(
+            f"{target} holds other files ({sorted(others)[:3]}...): write the copy to an "
+            "empty folder, so that it holds one series"
+        )
+    for path in files:
+        ds = pydicom.dcmread(path)
+        if ds.file_meta.TransferSyntaxUID.is_compressed or int(ds.get("NumberOfFrames", 1)) > 1:
+            raise ValueError(f"{path}: only uncompressed single-frame files are supported")
+        pixels = ds.pixel_array
+        changed = np.ascontiguousarray(transform(pixels), dtype=pixels.dtype)
+        if changed.shape != pixels.shape:
+            raise ValueError(
+                f"{path}: the transform changed the image from {pixels.shape} to "
+                f"{changed.shape}; only shape-preserving transforms are supported"
+            )
+        ds.PixelData = changed.tobytes()
+        ds.save_as(target / path.name)
+    return target
+
+
+# --- Multi-echo spin echo (CPMG): T2 with imperfect refocusing, simulated by EPG -----------
+
+#: Echo times (s) of the synthetic spin-echo series: 32 echoes every 8 ms, as hazen's
+#: Philips 3 T scan.
+SPIN_ECHO_TE = tuple(round(0.008 * k, 4) for k in range(1, 33))
+
+
+@dataclass(frozen=True)
+class SpinEchoPhantom:
+    """Ground truth of the spin-echo phantom; maps of shape ``(1, y, x)``.
+
+    Attributes
+    ----------
+    m0
+        Equilibrium magnetisation (a.u.); 0 outside.
+    t1, t2
+        Relaxation times in s; 0 outside.
+    b1
+        Scale of the refocusing flip angle (1: the nominal 180°); 0 outside.
+    labels
+        0 for air, 1-14 for the spheres, 15 for the water fill.
+    pixel_spacing
+        In-plane pixel size in mm.
+    """
+
+    m0: np.ndarray
+    t1: np.ndarray
+    t2: np.ndarray
+    b1: np.ndarray
+    labels: np.ndarray
+    pixel_spacing: float
+
+    def vial_mask(self, t2_range: tuple[float, float] = (0.0, np.inf)) -> np.ndarray:
+        """Boolean mask of the spheres whose true T2 (s) lies in ``t2_range``."""
+        in_vial = (self.labels >= 1) & (self.labels <= 14)
+        return in_vial & (self.t2 >= t2_range[0]) & (self.t2 <= t2_range[1])
+
+
+def make_spin_echo_phantom(
+    field_strength: float = 3.0, b1: float = 0.8, b1_gradient: float = 0.1
+) -> SpinEchoPhantom:
+    """The T1 plate (192x192 pixels over 250 mm) with the plate's T1 and T2, and a B1 field.
+
+    Parameters
+    ----------
+    field_strength
+        1.5 or 3.0 (T): selects the nominal T1 and T2 tables of plate 5.
+    b1
+        Refocusing scale at the centre of the image (below 1: stimulated echoes).
+    b1_gradient
+        Total relative change of B1 from the left to the right edge (a smooth, known field).
+
+    Returns
+    -------
+    SpinEchoPhantom
+    """
+    from .reference import reference_t2
+
+    plate = make_phantom((192, 192), field_strength, fov_mm=250.0, layout="plate5")
+    nominal = reference_t2(5, field_strength)
+    vial_t2 = nominal.values
+    labels = plate.labels
+    t2 = np.zeros(labels.shape, dtype=np.float32)
+    t2[labels == 15] = nominal.fill
+    for sphere in range(1, 15):
+        t2[labels == sphere] = vial_t2[sphere - 1]
+    nx = labels.shape[-1]
+    ramp = (np.arange(nx) - (nx - 1) / 2) / nx  # -0.5 .. 0.5 across the image
+    field = b1 * (1 + b1_gradient * ramp)[None, None, :] * np.ones(labels.shape)
+    return SpinEchoPhantom(
+        m0=plate.m0, t1=plate.t1, t2=t2,
+        b1=np.where(labels > 0, field, 0.0).astype(np.float32),
+        labels=labels, pixel_spacing=plate.pixel_spacing,
+    )  # fmt: skip
+
+
+def simulate_spin_echo(
+    truth: SpinEchoPhantom,
+    te: tuple[float, ...] | np.ndarray = SPIN_ECHO_TE,
+    snr: float = 200.0,
+    seed: int = 0,
+) -> np.ndarray:
+    r"""Simulate a CPMG multi-echo spin-echo series by the extended phase graph.
+
+    :math:`S_n = M_0\, \mathrm{EPG}_n(T_2, B_1; T_1, ESP)` with each voxel's own T1, T2 and
+    B1 (:func:`qmri_helpers.epg.cpmg_signal`), plus Rician noise.
+
+    Parameters
+    ----------
+    truth
+        Ground truth, maps of shape ``(z, y, x)``.
+    te
+        Echo times in s, ``TE_n = n * ESP``, shape ``(n,)``.
+    snr
+        Mean M0 over the phantom divided by the noise standard deviation.
+    seed
+        Seed of the noise.
+
+    Returns
+    -------
+    numpy.ndarray
+        Magnitude images of shape ``(n, z, y, x)``.
+    """
+    import torch
+
+    from .epg import cpmg_echo_spacing, cpmg_signal
+
+    te = np.asarray(te, dtype=np.float64)
+    esp = cpmg_echo_spacing(torch.as_tensor(te))
+    inside = truth.labels > 0
+
+    def tensor(values: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.where(inside, values, 1.0), dtype=torch.float64)
+
+    echoes = cpmg_signal(
+        tensor(truth.t2), tensor(truth.b1), esp, len(te), t1=tensor(truth.t1)
+    ).numpy()
+    signal = truth.m0[None] * echoes
+    if snr <= 0:
+        raise ValueError(f"snr must be positive, got {snr!r}")
+    sigma = float(truth.m0[inside].mean() / snr)
+    return _add_rician_noise(signal, sigma, np.random.default_rng(seed))
+
+
+def write_spin_echo_phantom(
+    folder: str | Path,
+    te: tuple[float, ...] | np.ndarray = SPIN_ECHO_TE,
+    field_strength: float = 3.0,
+    b1: float = 0.8,
+    snr: float = 200.0,
+    seed: int = 0,
+) -> SpinEchoPhantom:
+    """Write the T1 plate as a multi-echo spin-echo (CPMG) series, one DICOM file per TE.
+
+    The spheres have the plate's nominal T1 and T2
+    (:func:`qmri_helpers.reference.reference_t2`, version 1, 20 °C); the refocusing pulses
+    are ``b1`` times 180° at the centre, with a 10% gradient from left to right, so the echo
+    train carries stimulated echoes. TR is written as 10 s (full recovery).
+
+    Returns
+    -------
+    SpinEchoPhantom
+        The ground truth, maps of shape ``(1, 192, 192)``.
+    """
+    import pydicom
+
+    truth = make_spin_echo_phantom(field_strength, b1)
+    images = simulate_spin_echo(truth, te, snr=snr, seed=seed)
+    paths = write_series(
+        folder, images, te=te, tr=10.0, pixel_spacing=truth.pixel_spacing,
+        field_strength=field_strength, series_description="T2 multi-echo SE synthetic phantom",
+        seed=seed,
+    )  # fmt: skip
+    for path in paths:  # a spin-echo train, not the gradient echoes write_series assumes
+        ds = pydicom.dcmread(path)
+        ds.ScanningSequence = "SE"
+        ds.save_as(path, enforce_file_format=True)
+    return truth

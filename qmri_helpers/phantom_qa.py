@@ -1,10 +1,13 @@
-"""Phantom QA for the T1 plate of the ISMRM/NIST (Caliber) system phantom: the pipeline.
+"""Phantom QA of the relaxation plates of the ISMRM/NIST (Caliber) system phantom: the pipeline.
 
-:func:`run_t1_qa` loads an inversion-recovery series, checks it (:func:`check_series`), finds the
-spheres (:mod:`qmri_helpers.spheres`), fits the model that matches the acquisition
-(:func:`t1_model_for`) and tabulates each sphere against the reference values
-(:mod:`qmri_helpers.reference`, :mod:`qmri_helpers.qa_report`). The names of those modules
-are importable from here too.
+:func:`run_t1_qa` loads an inversion-recovery series, checks it (:func:`check_series`), finds
+every placement of the sphere template (:mod:`qmri_helpers.spheres`), fits the model that
+matches the acquisition (:func:`t1_model_for`), keeps the labelling whose T1 falls with the
+sphere number, detects plate 5 or 4 (:func:`choose_plate`), and tabulates each sphere against
+the reference values for the plate, field, phantom version and temperature
+(:mod:`qmri_helpers.reference`, :mod:`qmri_helpers.qa_report`). It refuses, with a message
+that names the folder, whatever it cannot decide. The names of those modules that the
+notebooks use are importable from here too.
 """
 
 from __future__ import annotations

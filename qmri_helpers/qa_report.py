@@ -1,8 +1,9 @@
 """The phantom-QA report: the per-sphere table and its figures.
 
-:func:`sphere_table` turns a fitted T1 map and the spheres found into one row per sphere
-against the reference values; :func:`plot_rois` shows where the ROIs sit, and
-:func:`plot_agreement` the identity and Bland-Altman plots.
+:func:`sphere_table` turns a fitted T1 (or T2) map and the spheres found into one row per
+sphere against the reference values, with the spread and uncertainty of each ROI
+(:func:`roi_statistics`); :func:`plot_rois` shows where the ROIs sit and how the plate is
+oriented, and :func:`plot_agreement` gives the identity and Bland-Altman plots.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ def sphere_table(
     max_relative_sd: float = 0.05,
     half: int = 2,
     nominal: Reference | None = None,
+    resolved_ms: tuple[float, float] | None = None,
 ) -> pd.DataFrame:
-    """Per-sphere results: measured T1, its spread and uncertainty, nominal T1, verdict.
+    """Per-sphere results: measured T1 (or T2), spread, uncertainty, nominal value, verdict.
 
     Parameters
     ----------
@@ -102,8 +104,13 @@ def sphere_table(
     half
         ROI half-width (2: a 5x5 ROI).
     nominal
-        The nominal values (:func:`~qmri_helpers.reference.reference_t1`); None takes plate 5,
-        version 1, 20 °C at the header's field strength.
+        The nominal values (:func:`~qmri_helpers.reference.reference_t1`, or
+        :func:`~qmri_helpers.reference.reference_t2` for a T2 map); None takes the T1 of
+        plate 5, version 1, 20 °C at the header's field strength. Its ``quantity`` names
+        the columns ("T1 median (ms)", "T2 median (ms)").
+    resolved_ms
+        The nominal values (ms) the protocol resolves; None takes the shortest TI to
+        3 times the longest TI of the header.
 
     Returns
     -------
@@ -116,9 +123,16 @@ def sphere_table(
     """
     if nominal is None:
         nominal = reference_t1(5, header.field_strength)
-    nominal_ms = nominal.ms
-    shortest_ti = float(header.ti.min()) * 1000
-    longest_ti = float(header.ti.max()) * 1000
+    nominal_ms, q = nominal.ms, nominal.quantity
+    if resolved_ms is None:
+        shortest = f"the shortest TI ({float(header.ti.min()) * 1000:g} ms)"
+        longest = f"{LONGEST_TI_FACTOR:g}x the longest TI ({float(header.ti.max()) * 1000:g} ms)"
+        resolved_ms = (
+            float(header.ti.min()) * 1000,
+            LONGEST_TI_FACTOR * float(header.ti.max()) * 1000,
+        )
+    else:
+        shortest, longest = (f"{v:g} ms" for v in resolved_ms)
     t1_rois = roi_values(t1_map, spheres.centres, half)
     sd_rois = roi_values(sd_map, spheres.centres, half)
     rows = []
@@ -126,13 +140,10 @@ def sphere_table(
         stats = roi_statistics(t1_rois[i] * 1000, sd_rois[i] * 1000)
         median = stats["median"]
         relative = stats["sd_median"] / median if median > 0 else math.inf
-        if nominal_ms[i] < shortest_ti:
-            reliable, note = False, f"T1 below the shortest TI ({shortest_ti:g} ms): not resolved"
-        elif nominal_ms[i] > LONGEST_TI_FACTOR * longest_ti:
-            reliable, note = False, (
-                f"T1 beyond {LONGEST_TI_FACTOR:g}x the longest TI ({longest_ti:g} ms): "
-                "not resolved"
-            )  # fmt: skip
+        if nominal_ms[i] < resolved_ms[0]:
+            reliable, note = False, f"{q} below {shortest}: not resolved"
+        elif nominal_ms[i] > resolved_ms[1]:
+            reliable, note = False, f"{q} beyond {longest}: not resolved"
         elif relative > max_relative_sd:
             reliable, note = False, (
                 f"median uncertain by {relative:.0%} (noise alone: "
@@ -144,8 +155,8 @@ def sphere_table(
         difference = median / nominal_ms[i] - 1
         row = {
             "sphere": i + 1,
-            "T1 median (ms)": round(median, 1),
-            "T1 IQR (ms)": round(stats["iqr"], 1),
+            f"{q} median (ms)": round(median, 1),
+            f"{q} IQR (ms)": round(stats["iqr"], 1),
             "robust SD (%)": round(100 * stats["robust_sd"] / median, 2) if median > 0 else np.nan,
             "CR SD of median (%)": round(100 * stats["cr_sd_median"] / median, 2)
             if median > 0
@@ -236,14 +247,16 @@ def plot_rois(
 
 
 def plot_agreement(table: pd.DataFrame, title: str = "") -> Figure:
-    """Identity plot on log axes and Bland-Altman plot of measured against nominal T1.
+    """Identity plot on log axes and Bland-Altman plot of measured against nominal T1 (or T2).
 
     The title names the nominal values (plate, version, temperature, field) from
     ``table.attrs["reference"]``, as :func:`sphere_table` sets it.
     """
     nominal_col = next(c for c in table.columns if c.startswith("nominal"))
+    measured_col = next(c for c in table.columns if c.endswith(" median (ms)"))
+    quantity = measured_col.split()[0]
     nominal = table[nominal_col].to_numpy(float)
-    measured = table["T1 median (ms)"].to_numpy(float)
+    measured = table[measured_col].to_numpy(float)
     reliable = (table["status"] != "unreliable").to_numpy()
     fig, (ax_id, ax_ba) = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
     for mask, style, label in ((reliable, "o", "reliable"), (~reliable, "x", "unreliable")):
@@ -254,13 +267,13 @@ def plot_agreement(table: pd.DataFrame, title: str = "") -> Figure:
     ax_id.plot(lims, lims, "k-", lw=0.8, label="identity")
     for sphere, x, y in zip(table["sphere"], nominal, measured, strict=True):
         ax_id.annotate(str(sphere), (x, y), xytext=(3, 3), textcoords="offset points", fontsize=7)
-    ax_id.set(xlabel=f"{nominal_col}", ylabel="measured T1 (ms)", title="Identity plot")
+    ax_id.set(xlabel=f"{nominal_col}", ylabel=f"measured {quantity} (ms)", title="Identity plot")
     differences = 100 * (measured - nominal) / ((measured + nominal) / 2)
     bias, spread = differences[reliable].mean(), 1.96 * differences[reliable].std(ddof=1)
     for level, style in ((bias, "-"), (bias + spread, "--"), (bias - spread, "--")):
         ax_ba.axhline(level, color="gray", ls=style, lw=0.8)
     ax_ba.set(
-        xlabel="mean of measured and nominal T1 (ms)",
+        xlabel=f"mean of measured and nominal {quantity} (ms)",
         ylabel="difference / mean (%)",
         title=f"Bland-Altman: bias {bias:+.1f}%, limits ±{spread:.1f}%",
     )

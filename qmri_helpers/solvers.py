@@ -1,14 +1,40 @@
-"""Fast and exact voxel-wise fits of separable models: variable projection and Levenberg-Marquardt.
+r"""Fast and exact voxel-wise fits of separable models: variable projection on one time constant.
 
-A :class:`~qmri_helpers.models.SeparableModel` has linear coefficients (M0, or a and b) and one
-nonlinear time constant tau (T1 or T2*). :func:`fit_varpro` finds the best tau of each voxel on
-a grid, with the coefficients in closed form; :func:`fit_lm` refines it to the least-squares
-optimum. Both return a :class:`~qmri_helpers.fitting.FitResult`.
+A :class:`~qmri_helpers.models.SeparableModel` has linear coefficients :math:`c` (M0, or a and
+b) and one nonlinear time constant :math:`\tau` (T1 or T2*, in s). For a given :math:`\tau`
+the coefficients have a closed-form least-squares solution, so each voxel's cost is a function
+of :math:`\tau` alone (variable projection):
+
+.. math:: f(\tau) = \min_c \|y - \Phi(\tau) c\|^2
+          = \|y\|^2 - \|P_{\Phi(\tau)}\, y\|^2 .
+
+:func:`fit_lm` finds the global minimum of :math:`f` within the model's bounds for every voxel:
+
+1. a log-spaced grid over the whole bound range brackets each voxel's best :math:`\tau`;
+2. one-dimensional Levenberg-Marquardt steps on :math:`\ln\tau` (the Golub-Pereyra
+   Gauss-Newton curvature, or the secant of the slope over the last step where that is
+   positive; a damping factor and a trust radius per voxel) refine it; a voxel leaves as soon
+   as it has converged, or at once when it sits on a bound and the cost still falls beyond;
+3. magnitude data: :math:`\| |\Phi c| - y \|` equals the smallest signed cost
+   :math:`\|\Phi c - s \odot y\|` over the sign patterns :math:`s` a monotone IR curve can
+   have (the first :math:`j` points negative, or the last). Each pattern gives a smooth
+   :math:`f_s(\tau) \ge f(\tau)`, equal where the pattern is the model's own, so the global
+   optimum is the best of the patterns' minima. The kink check refines the pattern of the best
+   grid value and its neighbours (the null moved by one point either way) and keeps the best:
+   this is what fixes the local minima next to the null, where :math:`f` has a kink.
+
+:func:`fit_varpro` with ``lm_iterations=0`` stops after the grid (with a parabolic refinement
+between grid values), to show what the grid alone gives. Both run on the device of the data,
+in chunks sized for that device, and return a :class:`~qmri_helpers.fitting.FitResult`.
 """
 
 from __future__ import annotations
 
-import einops
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+
 import torch
 from tqdm.auto import trange
 
@@ -18,7 +44,6 @@ from .fitting import (
     _flushing_denormals,
     _goodness,
     _result,
-    _solve,
 )
 from .models import SeparableModel
 from .validation import (
@@ -30,162 +55,365 @@ from .validation import (
     voxel_status,
 )
 
-__all__ = ["fit_lm", "fit_varpro"]
+__all__ = ["CHUNK_BYTES", "chunk_voxels", "fit_lm", "fit_varpro", "thread_policy"]
 
-#: Working memory for one chunk of voxels in the variable-projection grid search (bytes).
-VARPRO_CHUNK_BYTES = 128 * 2**20
-#: Voxels per chunk in Levenberg-Marquardt.
-LM_CHUNK_VOXELS = 2**17
+#: Working memory of one chunk of voxels, per device type (bytes). On a CPU small chunks stay
+#: in cache and spare page faults; a GPU is launch-bound, so it takes as much as fits.
+CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 2 * 2**30}
+#: Default number of grid values over the bounds of tau (log-spaced), for refined fits.
+GRID_POINTS = 80
+#: Largest step of ln(tau) in one iteration: about two grid spacings.
+MAX_LOG_STEP = 0.25
 
 
-def _polarity_signs(y: torch.Tensor) -> torch.Tensor:
-    """Sign patterns to try for magnitude IR data ``(n, V)``: shape ``(2, n, V)``.
+def chunk_voxels(device: torch.device, bytes_per_voxel: int) -> int:
+    """Voxels per chunk on ``device``, each using ``bytes_per_voxel``.
 
-    The null of an IR curve lies next to its smallest magnitude, at index m: the points before
-    it are negative. Either the minimum itself is still negative (flip points 0..m) or already
-    positive (flip points 0..m-1); these two candidates cover every position of the null.
+    The budget is :data:`CHUNK_BYTES` for the device's type, or on a GPU a quarter of its free
+    memory if that is less.
     """
-    n = y.shape[0]
-    index = torch.arange(n, device=y.device)[:, None]
-    m = y.argmin(0, keepdim=True)
-    flip_through_min = torch.where(index <= m, -1.0, 1.0).to(y.dtype)
-    flip_before_min = torch.where(index < m, -1.0, 1.0).to(y.dtype)
-    return torch.stack([flip_through_min, flip_before_min])
+    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(budget, free // 4)
+    return max(1024, int(budget // max(1, bytes_per_voxel)))
 
 
-def _varpro_chunk(
-    model: SeparableModel, y: torch.Tensor, grid: torch.Tensor, polarity: bool
+def _machine_busy() -> bool:
+    """True when other processes keep the CPU cores busy (1-minute load >= cores - 0.5)."""
+    try:
+        return os.getloadavg()[0] >= (os.cpu_count() or 1) - 0.5
+    except OSError:  # not available on this platform
+        return False
+
+
+@contextlib.contextmanager
+def thread_policy(device: torch.device, elements: int) -> Iterator[int]:
+    """Threads for a block of small element-wise operations on the CPU.
+
+    Torch splits an element-wise operation over all its threads from about 32k elements on.
+    When another process keeps the cores busy, every split waits for a descheduled thread,
+    and a loop of small operations runs 10-20 times slower than on one thread. Inside this
+    block torch uses one thread when the machine is busy or the tensors are small
+    (``elements`` < 2**20), else its default; the default comes back afterwards.
+    """
+    before = torch.get_num_threads()
+    wanted = before
+    if device.type == "cpu" and (elements < 2**20 or _machine_busy()):
+        wanted = 1
+    if wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        yield wanted
+    finally:
+        if wanted != before:
+            torch.set_num_threads(before)
+
+
+# --- sign patterns of magnitude data ---------------------------------------------------------
+
+
+def _pattern_signs(rank: torch.Tensor, j: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Signs ``(n, V)`` for the patterns ``j (V,)``: points of time rank < j negative.
+
+    ``j`` counts modulo ``n``: j = 0 flips nothing, j = n - 1 flips all but the last point,
+    which (up to the overall sign, which the coefficients absorb) is the pattern of a curve
+    that crosses zero before its last point from above. So ``j ± 1`` are always the patterns
+    with the null moved by one point.
+    """
+    flip = rank[:, None] < torch.remainder(j, n)[None, :]
+    return 1.0 - 2.0 * flip.to(dtype)
+
+
+# --- the cost of one pattern as a function of tau, with its derivatives ----------------------
+
+
+def _inverse_times(gram: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``G⁻¹ b`` for a batch of Gram matrices ``(p, p, A)`` and vectors ``(p, A)``.
+
+    Written out for p = 1 and 2 (a few element-wise operations on ``(A,)`` vectors), a batched
+    solve otherwise.
+    """
+    p = gram.shape[0]
+    if p == 1:
+        return b / gram[0]
+    if p == 2:
+        g00, g01, g11 = gram[0, 0], gram[0, 1], gram[1, 1]
+        det = g00 * g11 - g01 * g01
+        return torch.stack([g11 * b[0] - g01 * b[1], g00 * b[1] - g01 * b[0]]) / det
+    return torch.linalg.solve(gram.permute(2, 0, 1), b.T[..., None])[..., 0].T
+
+
+def _profile(
+    model: SeparableModel, ys: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Variable-projection cost, its slope and Gauss-Newton curvature in ``u = ln tau``.
+
+    ``ys`` (n, A) are the (sign-restored) data, ``u`` (A,). With :math:`\Phi` the basis,
+    :math:`G = \Phi^T\Phi`, :math:`c = G^{-1}\Phi^T y`, :math:`r = y - \Phi c` and
+    :math:`w = \partial_\tau\Phi\, c`:
+
+    - :math:`f = r^T r`, :math:`\partial_\tau f = -2 r^T w` (exact, as :math:`r \perp \Phi`);
+    - the curvature (Golub-Pereyra's Jacobian of variable projection):
+      :math:`2(\|w\|^2 - (\Phi^T w)^T G^{-1} \Phi^T w + z^T G^{-1} z)`,
+      :math:`z = \partial_\tau\Phi^T r`.
+
+    All of them follow from the dot products of the columns of :math:`[\Phi, \partial_\tau\Phi,
+    y]`, computed in one pass over the n time points; the rest works on ``(A,)`` vectors.
+    Returns f, df/du, d²f/du² (>= 0) and c ``(p, A)``.
+    """
+    tau = u.exp()
+    phi, dphi = model.basis_fn(tau)  # (n, p, A)
+    p = phi.shape[1]
+    x = torch.cat([phi, dphi], 1)  # (n, 2p, A)
+    dots = (x[:, :, None] * x[:, None, :]).sum(0)  # (2p, 2p, A)
+    with_y = (x * ys[:, None]).sum(0)  # (2p, A)
+    gram, cross, dd = dots[:p, :p], dots[:p, p:], dots[p:, p:]
+    b, dy = with_y[:p], with_y[p:]
+    yy = (ys * ys).sum(0)
+    c = _inverse_times(gram, b)
+    cost = (yy - (c * b).sum(0)).clamp_min(0)
+    q = (cross * c[None]).sum(1)  # Phi^T w, (p, A)
+    cq = (c * q).sum(0)
+    rw = (c * dy).sum(0) - cq  # r^T w
+    z = dy - (cross * c[:, None]).sum(0)  # dPhi^T r, (p, A)
+    ww = (c[:, None] * dd * c[None]).sum((0, 1))
+    curvature = ww - (q * _inverse_times(gram, q)).sum(0) + (z * _inverse_times(gram, z)).sum(0)
+    slope = -2 * rw * tau
+    curvature = 2 * curvature.clamp_min(0) * tau * tau
+    return cost, slope, curvature, c
+
+
+# --- stage 1: the grid -----------------------------------------------------------------------
+
+
+def _grid_basis(model: SeparableModel, grid: torch.Tensor, absolute: bool) -> torch.Tensor:
+    """Orthonormal bases of the grid values, as one matrix ``(K * p, n)`` for a matmul."""
+    basis = model.dictionary(grid)  # (n, p, K)
+    if absolute:
+        basis = basis.abs()
+    q = torch.linalg.qr(basis.permute(2, 0, 1)).Q  # (K, n, p)
+    return q.transpose(1, 2).reshape(-1, basis.shape[0])
+
+
+def _grid_search(
+    qmat: torch.Tensor, p: int, signed: list[torch.Tensor], buffer: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best grid value, coefficients and sign pattern for the voxels ``y`` of shape (n, V)."""
-    basis = model.dictionary(grid).to(y.dtype)  # (n, p, K)
-    if model.magnitude and not polarity:
-        basis = basis.abs()  # the seed model's sign follows from tau: fit c |phi|
-    q = torch.linalg.qr(einops.rearrange(basis, "n p k -> k n p")).Q  # (K, n, p), orthonormal
-    signs = _polarity_signs(y) if polarity else torch.ones((1, *y.shape), dtype=y.dtype)
-    n_voxels = y.shape[1]
-    best = torch.full((n_voxels,), -torch.inf, dtype=y.dtype)
-    best_k = torch.zeros(n_voxels, dtype=torch.long)
-    best_sign = torch.zeros(n_voxels, dtype=torch.long)
-    around = torch.zeros((3, n_voxels), dtype=y.dtype)  # scores at k-1, k, k+1 of the best
-    for s, sign in enumerate(signs):
-        projection = einops.einsum(q, sign * y, "k n p, n v -> k p v")
-        scores = projection.square_().sum(1)  # (K, V): the largest projection, least residual
+    r"""Best grid index, its pattern index and the scores at k-1, k, k+1 (3, V).
+
+    The score is :math:`\|P_k s y\|^2`, the largest score the least cost. ``buffer`` holds
+    the ``(K * p, V)`` projections and is reused from chunk to chunk.
+    """
+    n_grid = qmat.shape[0] // p
+    best = best_k = best_s = around = None
+    for s, ys in enumerate(signed):
+        out = buffer[: qmat.shape[0] * ys.shape[1]].view(qmat.shape[0], ys.shape[1])
+        projection = torch.matmul(qmat, ys.to(qmat.dtype), out=out)
+        scores = projection.square_()
+        if p > 1:
+            scores = scores.reshape(n_grid, p, -1).sum(1)
         score, k = scores.max(0)
-        inner = k.clamp(1, grid.numel() - 2)
+        inner = k.clamp(1, n_grid - 2)
         neighbours = scores.gather(0, torch.stack([inner - 1, inner, inner + 1]))
-        better = score > best
-        best, best_k = torch.where(better, score, best), torch.where(better, k, best_k)
-        best_sign = torch.where(better, s, best_sign)
-        around = torch.where(better, neighbours, around)
-    sign = signs[best_sign, :, torch.arange(n_voxels)].T  # (n, V)
-    signed = sign * y
-    # Refine between grid points: the vertex of a parabola through the scores at k-1, k, k+1
-    # (in log tau), so that Levenberg-Marquardt starts close and needs few steps.
-    inner = best_k.clamp(1, grid.numel() - 2)
+        if best is None:
+            best, best_k, around = score, k, neighbours
+            best_s = torch.zeros_like(k)
+        else:
+            better = score > best
+            best = torch.where(better, score, best)
+            best_k = torch.where(better, k, best_k)
+            best_s = torch.where(better, s, best_s)
+            around = torch.where(better, neighbours, around)
+    return best_k, best_s, around.to(signed[0].dtype)
+
+
+def _parabola(around: torch.Tensor, k: torch.Tensor, log_grid: torch.Tensor) -> torch.Tensor:
+    """The ln tau at the vertex of the parabola through the scores at k-1, k, k+1."""
+    n_grid = log_grid.numel()
+    inner = k.clamp(1, n_grid - 2)
     curvature = around[0] - 2 * around[1] + around[2]
     offset = torch.where(
-        (curvature < 0) & (inner == best_k), 0.5 * (around[0] - around[2]) / curvature, 0.0
+        (curvature < 0) & (inner == k), 0.5 * (around[0] - around[2]) / curvature, 0.0
     ).clamp(-0.5, 0.5)
-    log_grid = grid.log()
     spacing = (log_grid[inner + 1] - log_grid[inner - 1]) / 2
-    tau = torch.exp(log_grid[best_k] + offset * spacing)
-    phi = model.basis(tau)  # (n, p, V)
-    if model.magnitude and not polarity:
-        phi = phi.abs()
-    phi = einops.rearrange(phi, "n p v -> v n p")
-    normal = phi.transpose(1, 2) @ phi
-    coefficients = _solve(normal, (phi.transpose(1, 2) @ signed.T[..., None])[..., 0]).T
-    if model.magnitude and not polarity:
-        coefficients = coefficients.abs()
-    return tau, coefficients, sign
+    return log_grid[k] + offset * spacing
 
 
-def _lm_chunk(
+# --- stage 2: one-dimensional Levenberg-Marquardt on ln tau ---------------------------------
+
+
+def _refine(
     model: SeparableModel,
-    y: torch.Tensor,
-    coefficients: torch.Tensor,
-    tau: torch.Tensor,
+    ys: torch.Tensor,
+    u: torch.Tensor,
+    bounds: tuple[float, float],
     max_iter: int,
     tol: float,
     history: list[float] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Levenberg-Marquardt on all voxels of a chunk at once, with per-voxel damping.
+    n_main: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Minimise the pattern costs of ``ys (n, A)`` over ``u = ln tau`` from ``u (A,)``.
 
-    ``y`` is (n, V), ``coefficients`` (p, V), ``tau`` (V,). Each voxel keeps its own damping
-    factor and stops on its own once a step changes its cost or tau by less than ``tol``
-    (relative). Returns the coefficients, tau and the per-voxel iteration count.
+    Each column keeps its own damping factor and leaves the working set once its step is below
+    ``tol`` (in ln tau, i.e. relative in tau) or its Newton decrement says the cost cannot fall
+    by more than 1e-10 of itself, and at once when it sits on a bound and the cost still falls
+    beyond it. ``history`` gets the summed cost of the first ``n_main`` columns after each
+    iteration. Returns u, cost, coefficients ``(p, A)`` and iterations ``(A,)``.
     """
-    lo, hi = model.bounds
-    p = coefficients.shape[0]
-    x = torch.cat([coefficients, tau[None]], 0).T.contiguous()  # (V, q)
-    data = y.T  # (V, n)
+    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    u = u.clamp(lo, hi)
+    fa, ga, ha, ca = _profile(model, ys, u)
+    cost, c = fa.clone(), ca.clone()
+    iterations = torch.zeros_like(u, dtype=torch.long)
+    index = torch.arange(u.numel(), device=u.device)
+    main = index < n_main
+    finished = torch.zeros((), dtype=fa.dtype, device=fa.device)  # cost of the columns done
 
-    def evaluate(xs: torch.Tensor, ys: torch.Tensor):
-        signal, jac = model.evaluate(xs[:, :p].T, xs[:, p])
-        residual = ys - signal.T
-        return residual, einops.rearrange(jac, "n q v -> v n q"), (residual**2).sum(-1)
+    def pinned(u, g):  # on a bound, and the cost still falls beyond it
+        return ((u <= lo) & (g > 0)) | ((u >= hi) & (g < 0))
 
-    residual, jac, cost = evaluate(x, data)
-    iterations = torch.zeros(cost.shape, dtype=torch.long)
-    # The working set holds only the voxels still iterating; a voxel that is done is written
-    # back once and dropped, so late iterations cost little.
-    index = torch.arange(cost.numel())
-    xa, ya, ra, ja, ca = x, data, residual, jac, cost
-    lam = torch.full(cost.shape, 1e-3, dtype=y.dtype)
-    total = float(cost.sum())
+    # the working set holds only the columns still iterating; the others are written back once
+    going = ~pinned(u, ga)
+    ua, ya, lam = u.clone(), ys, torch.full_like(u, 1e-3)
+    radius = torch.full_like(u, MAX_LOG_STEP)  # doubles while full steps keep being accepted
+    if not bool(going.all()):
+        finished = finished + (fa * main)[~going].sum()
+        index, ua, ya, fa, ga, ha, ca, lam, radius, main = (
+            x[..., going] for x in (index, ua, ya, fa, ga, ha, ca, lam, radius, main)
+        )
+    if history is not None:
+        history.append(float(finished + (fa * main).sum()))
     for _ in range(max_iter):
         if index.numel() == 0:
             break
-        jt = ja.transpose(1, 2)
-        system = jt @ ja  # (A, q, q)
-        gradient = (jt @ ra[..., None])[..., 0]  # (A, q)
-        diagonal = system.diagonal(dim1=1, dim2=2)
-        diagonal.add_(lam[:, None] * diagonal.clamp_min(1e-30))  # Marquardt's scaled damping
-        step = _solve(system, gradient)
-        trial = xa + step
-        trial[:, p] = trial[:, p].clamp(lo, hi)
-        trial_residual, trial_jac, trial_cost = evaluate(trial, ya)
-        accept = torch.isfinite(trial_cost) & (trial_cost < ca)
-        keep = accept[:, None]
-        small_change = (ca - trial_cost <= tol * ca) | (
-            (trial[:, p] - xa[:, p]).abs() <= tol * xa[:, p]
+        step = -ga / (ha * (1 + lam)).clamp_min(1e-300)
+        step = torch.maximum(torch.minimum(step, radius), -radius)
+        trial = (ua + step).clamp(lo, hi)
+        f_t, g_t, h_t, c_t = _profile(model, ya, trial)
+        accept = f_t <= fa  # False for NaN
+        moved = (trial - ua).abs()
+        # Gauss-Newton ignores the residual's own curvature, which on noisy voxels makes its
+        # steps overshoot and oscillate; the secant of the slope over the step measures the
+        # true curvature, and is used where it is positive (superlinear, like the secant method)
+        secant = (g_t - ga) / (trial - ua)
+        ha = torch.where(
+            torch.isfinite(secant) & (secant > 0), secant, torch.where(accept, h_t, ha)
         )
-        total -= float(torch.where(accept, ca - trial_cost, 0.0).sum())
-        xa = torch.where(keep, trial, xa)
-        ra = torch.where(keep, trial_residual, ra)
-        ja = torch.where(keep[..., None], trial_jac, ja)
-        ca = torch.where(accept, trial_cost, ca)
-        lam = torch.where(accept, (lam / 10).clamp_min(1e-12), lam * 10)
+        ua = torch.where(accept, trial, ua)
+        fa = torch.where(accept, f_t, fa)
+        ga = torch.where(accept, g_t, ga)
+        ca = torch.where(accept, c_t, ca)
+        lam = torch.where(accept, lam * 0.3, lam * 10)
+        full = accept & (moved >= radius * 0.999)
+        radius = torch.where(full, radius * 2, torch.where(accept, radius, radius * 0.5))
         iterations[index] += 1
-        done = (accept & small_change) | (lam > 1e12)
-        if bool(done.any()):
-            x[index[done]] = xa[done]
-            going = ~done
-            index, xa, ya, ra, ja, ca, lam = (
-                index[going],
-                xa[going],
-                ya[going],
-                ra[going],
-                ja[going],
-                ca[going],
-                lam[going],
-            )
+        flat = ga * ga <= 1e-10 * fa * ha
+        done = (accept & ((moved <= tol) | flat)) | pinned(ua, ga) | (lam > 1e6)
         if history is not None:
-            history.append(total)  # a number, not a map: memory stays flat
-    x[index] = xa
-    return x[:, :p].T, x[:, p], iterations
+            history.append(float(finished + (fa * main).sum()))
+        if bool(done.any()):
+            finished_index = index[done]
+            u[finished_index], cost[finished_index] = ua[done], fa[done]
+            c[:, finished_index] = ca[:, done]
+            finished = finished + (fa * main)[done].sum()
+            going = ~done
+            index, ua, ya, fa, ga, ha, ca, lam, radius, main = (
+                x[..., going] for x in (index, ua, ya, fa, ga, ha, ca, lam, radius, main)
+            )
+    u[index], cost[index], c[:, index] = ua, fa, ca
+    return u, cost, c, iterations
+
+
+# --- one chunk: grid, kink check, refinement -------------------------------------------------
+
+
+def _fit_chunk(
+    model: SeparableModel,
+    y: torch.Tensor,
+    rank: torch.Tensor,
+    qmat: torch.Tensor,
+    log_grid: torch.Tensor,
+    buffer: torch.Tensor,
+    grid_pattern: torch.Tensor,
+    max_iter: int,
+    tol: float,
+    history: list[float] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients ``(p, V)`` and tau ``(V,)`` of the voxels ``y (n, V)`` (float64).
+
+    ``grid_pattern (K,)`` holds the sign pattern of the seed model's curve at each grid value.
+    """
+    n, n_voxels = y.shape
+    p = len(model.linear)
+    if model.magnitude and model.polarity:  # the null next to the smallest magnitude
+        m = rank[y.argmin(0)]
+        patterns = [m, m + 1]
+        signed = [_pattern_signs(rank, j, n, y.dtype) * y for j in patterns]
+    else:  # signed data, or the seed model whose |basis| carries its own signs
+        patterns, signed = None, [y]
+    best_k, best_s, around = _grid_search(qmat, p, signed, buffer)
+    u0 = _parabola(around, best_k, log_grid)
+    if not model.magnitude:
+        candidates = [(torch.zeros_like(best_k), u0)]
+    elif patterns is not None:
+        j = torch.where(best_s == 1, patterns[1], patterns[0])
+        candidates = [(j, u0), (j - 1, u0), (j + 1, u0)]
+    else:  # seed model: its pattern at the best grid value, and the neighbours' where a null
+        # lies within four grid steps (elsewhere f is smooth there and has no second minimum)
+        last = grid_pattern.numel() - 1
+        j = grid_pattern[best_k]
+        low = grid_pattern[(best_k - 4).clamp(0, last)]
+        high = grid_pattern[(best_k + 4).clamp(0, last)]
+        candidates = [(j, u0), (j - 1, u0), (j + 1, u0)]
+    if max_iter == 0:  # the grid alone: the pattern of the best grid value
+        candidates = candidates[:1]
+    n_c = len(candidates)
+    js = torch.cat([j for j, _ in candidates])
+    us = torch.cat([u for _, u in candidates])
+    ys = y.repeat(1, n_c)
+    if model.magnitude:
+        ys = _pattern_signs(rank, js, n, y.dtype) * ys
+    if model.magnitude and patterns is None and n_c > 1:
+        keep = torch.cat([torch.ones_like(j, dtype=torch.bool), low < j, high > j])
+        cols = torch.nonzero(keep)[:, 0]
+    else:
+        cols = torch.arange(ys.shape[1], device=y.device)
+    with thread_policy(y.device, cols.numel() * n):
+        u, cost, c, _ = _refine(
+            model, ys[:, cols], us[cols], model.bounds, max_iter, tol, history, n_voxels
+        )
+    all_cost = torch.full((ys.shape[1],), torch.inf, dtype=y.dtype, device=y.device)
+    all_u = torch.zeros_like(all_cost)
+    all_c = torch.zeros((p, ys.shape[1]), dtype=y.dtype, device=y.device)
+    all_cost[cols], all_u[cols], all_c[:, cols] = cost, u, c
+    pick = all_cost.reshape(n_c, n_voxels).argmin(0)
+    col = pick * n_voxels + torch.arange(n_voxels, device=y.device)
+    tau, coefficients = all_u[col].exp(), all_c[:, col]
+    if history is not None and n_c > 1:
+        history.append(float(all_cost[col].sum()))  # after the kink check
+    if model.magnitude:
+        # the overall sign is free: the seed's M0 is positive, other curves end positive
+        if patterns is None:
+            coefficients = coefficients.abs()
+        else:
+            last = model.basis(tau)[int(rank.argmax())]  # (p, V) at the latest time
+            flip = (last * coefficients).sum(0) < 0
+            coefficients = torch.where(flip, -coefficients, coefficients)
+    return coefficients, tau
+
+
+# --- the public fits -------------------------------------------------------------------------
 
 
 def _flatten(
     data: torch.Tensor, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
     shape = data.shape[1:]
+    voxels = data.reshape(data.shape[0], -1)
     if mask is None:
-        mask = torch.ones(shape, dtype=torch.bool)
-    mask_flat = check_mask(mask, shape)
-    voxels = einops.rearrange(data, "c ... -> c (...)")
-    if bool(mask_flat.all()):
+        mask_flat = torch.ones(shape.numel(), dtype=torch.bool, device=data.device)
         return voxels, mask_flat, shape  # a view: no copy of the data
+    mask_flat = check_mask(mask, shape).to(data.device)
     return voxels[:, mask_flat], mask_flat, shape
 
 
@@ -208,19 +436,20 @@ def fit_varpro(
     grid: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     lm_iterations: int = 0,
-    tol: float = 1e-6,
+    tol: float = 1e-7,
     noise_sigma: float | None = None,
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
 ) -> FitResult:
-    """Fit a separable model by variable projection, optionally refined by Levenberg-Marquardt.
+    """Fit a separable model by variable projection: a grid over tau, then 1-D refinement.
 
-    For every value of a log-spaced grid of tau the linear coefficients (M0, or a and b) have a
-    closed-form least-squares solution, so the best grid value of each voxel is found with one
-    projection per grid value; for magnitude IR data the two possible positions of the null
-    are tried (polarity restoration). ``lm_iterations`` Levenberg-Marquardt steps then refine
-    all parameters of all voxels at once, each voxel with its own damping and stopping rule,
-    tau kept within ``model.bounds``. Voxels are processed in chunks, so memory stays bounded.
+    For every value of a log-spaced grid of tau the linear coefficients (M0, or a and b) have
+    a closed-form least-squares solution, so the best grid value of each voxel is found with
+    one projection per grid value; for magnitude IR data the sign pattern is searched too.
+    With ``lm_iterations > 0`` one-dimensional Levenberg-Marquardt steps on ln tau take every
+    voxel to the global least-squares optimum within ``model.bounds``, with the kink check
+    next to the null of magnitude data (see the module's description). The fit runs on the
+    device of ``data``, in chunks sized for it.
 
     Parameters
     ----------
@@ -229,28 +458,28 @@ def fit_varpro(
     data
         Signal of shape ``(n_times, ...)``: magnitudes for a magnitude model, else signed.
     grid
-        Grid of tau in s; default 120 log-spaced values, 10 ms to 5 s for T1 and 1 ms to 1 s
-        otherwise.
+        Grid of tau in s, ascending; default 120 log-spaced values over ``model.bounds`` for
+        the grid alone, :data:`GRID_POINTS` when refined.
     mask
         Voxels to fit, shape ``(...)``; None fits all.
     lm_iterations
-        Maximum number of Levenberg-Marquardt iterations (0: grid search only).
+        Maximum number of refinement iterations (0: the grid and a parabola only).
     tol
-        A voxel has converged when a step changes its cost or tau by less than this, relative.
+        A voxel has converged when a step changes tau by less than this, relative.
     noise_sigma
         Noise standard deviation for the Cramér-Rao ``sd``; None estimates it.
     dtype
-        Precision of the computation (float64 by default; maps are returned in data's dtype).
+        Precision of the refinement (float64 by default; maps come back in data's dtype).
     progress
         Show a tqdm progress bar over chunks.
 
     Returns
     -------
     FitResult
-        Maps of the physical parameters (``model.derive``) and tau, with goodness of fit.
-        Voxels with NaN or inf data, without signal (all zero) or with tau on a bound fail
-        and are counted (``failures``); the bounds are ``model.bounds`` with
-        Levenberg-Marquardt, the ends of the grid without.
+        Maps of the physical parameters (``model.derive``) and tau, with goodness of fit,
+        on the CPU; ``device`` says where the fit ran. Voxels with NaN or inf data, without
+        signal (all zero) or with tau on a bound fail and are counted (``failures``); the
+        bounds are ``model.bounds`` with Levenberg-Marquardt, the ends of the grid without.
 
     Raises
     ------
@@ -268,40 +497,49 @@ def fit_varpro(
     _check_model(model, data)
     model, data = sort_model_times(model, data)
     voxels, mask_flat, shape = _flatten(data, mask)
+    device = data.device
+    lo, hi = model.bounds
     if grid is None:
-        lo, hi = (0.01, 5.0) if model.nonlinear == "t1" else (0.001, 1.0)
-        grid = torch.logspace(torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(hi)), 120)
-    grid = check_times(grid, f"grid of {model.nonlinear}").to(dtype)
+        points = 120 if lm_iterations == 0 else GRID_POINTS
+        # exactly the bounds at both ends, so a voxel pinned there is recognised at once
+        grid = torch.linspace(math.log(lo), math.log(hi), points, dtype=dtype, device=device).exp()
+    grid = check_times(grid, f"grid of {model.nonlinear}").to(device=device, dtype=dtype)
     if grid.numel() < 3 or not bool((grid > 0).all()):
         raise ValueError(f"the grid needs at least 3 values, all > 0 s; got {grid.tolist()[:5]}")
     n, n_voxels = voxels.shape
     p = len(model.linear)
-    work = model  # its basis is evaluated in the dtype of tau, so float64 throughout
-    polarity = model.polarity
+    rank = torch.argsort(torch.argsort(model.times.to(device)))  # time order of each point
+    polarity = model.magnitude and model.polarity
+    qmat = _grid_basis(model, grid, absolute=model.magnitude and not polarity)
+    # the grid's projections in the data's precision (they only pick a start), float32 at least
+    grid_dtype = torch.promote_types(data.dtype, torch.float32)
+    qmat = qmat.to(grid_dtype)
+    log_grid = grid.log().clamp(math.log(lo), math.log(hi))
+    grid_pattern = (model.basis(grid)[:, 0] < 0).sum(0)  # (K,), used for the seed model
+    candidates = 3 if model.magnitude and lm_iterations else 1
+    per_voxel = grid.numel() * p * 4 + candidates * n * 8 * 12 + n * 8 * 4
+    chunk = min(n_voxels, chunk_voxels(device, per_voxel)) or 1
+    buffer = torch.empty(qmat.shape[0] * chunk, dtype=grid_dtype, device=device)
     finite, has_signal = voxel_status(voxels)
-    chunk = max(1, VARPRO_CHUNK_BYTES // (8 * grid.numel() * (p + 2) + 8 * n * 4))
-    chunk = min(chunk, LM_CHUNK_VOXELS) if lm_iterations else chunk
-    # Parameters are kept in ``dtype`` (their exact optimum is the point), the goodness of fit
-    # in the data's precision, to bound memory; each chunk fills its part.
+    coefficients = torch.empty((p, n_voxels), dtype=dtype, device=device)
+    tau = torch.empty(n_voxels, dtype=dtype, device=device)
     keep = data.dtype
-    coefficients = torch.empty(p, n_voxels, dtype=dtype)
-    tau = torch.empty(n_voxels, dtype=dtype)
-    rss = torch.empty(n_voxels, dtype=keep)
-    r_squared = torch.empty(n_voxels, dtype=keep)
-    inverse_diag = torch.empty(n_voxels, p + 1, dtype=keep)
+    rss = torch.empty(n_voxels, dtype=keep, device=device)
+    r_squared = torch.empty(n_voxels, dtype=keep, device=device)
+    inverse_diag = torch.empty((n_voxels, p + 1), dtype=keep, device=device)
     history_chunks: list[list[float]] = []
-    for start in trange(0, n_voxels, chunk, desc="VarPro+LM", disable=not progress, leave=False):
+    bar = trange(0, n_voxels, chunk, desc="VarPro", disable=not progress, leave=False)
+    for start in bar:
         sl = slice(start, start + chunk)
         y = torch.where(finite[sl], voxels[:, sl].to(dtype), 0.0)
-        t, c, _ = _varpro_chunk(work, y, grid, polarity)
-        history: list[float] = [float(((y - work(c, t)) ** 2).sum())]
-        if lm_iterations:
-            c, t, _ = _lm_chunk(work, y, c, t, lm_iterations, tol, history)
+        history: list[float] = []
+        c, t = _fit_chunk(
+            model, y, rank, qmat, log_grid, buffer, grid_pattern, lm_iterations, tol, history
+        )
         history_chunks.append(history)
-        signal, jac = work.evaluate(c, t)
+        signal, jac = model.evaluate(c, t)
         residual = (y - signal).T
-        jac = einops.rearrange(jac, "n q v -> v n q")
-        rss[sl], r_squared[sl], inverse_diag[sl] = _goodness(residual, jac, y.T)
+        rss[sl], r_squared[sl], inverse_diag[sl] = _goodness(residual, jac.permute(2, 0, 1), y.T)
         coefficients[:, sl], tau[sl] = c, t
     # A grid search alone cannot leave its grid: a voxel at either end is pinned there.
     pinned = at_bound(tau, model.bounds if lm_iterations else (grid.min(), grid.max()))
@@ -316,7 +554,7 @@ def fit_varpro(
     ]
     return _result(
         shape, mask_flat, ok, params, rss.sqrt(), r_squared, sd_unit, sigma, loss_history,
-        torch.device("cpu"), data.dtype,
+        device, data.dtype,
         {"not finite": ~finite, "no signal": ~has_signal, "at a bound": pinned},
     )  # fmt: skip
 
@@ -327,9 +565,10 @@ def fit_lm(
     max_iter: int = 50,
     **kwargs,
 ) -> FitResult:
-    """Variable-projection start, then batched Levenberg-Marquardt: the fast and exact fit.
+    """The fast and exact fit: variable projection with 1-D Levenberg-Marquardt refinement.
 
     A shorthand for ``fit_varpro(model, data, lm_iterations=max_iter, ...)``; see
-    :func:`fit_varpro` for the parameters.
+    :func:`fit_varpro` for the parameters. Every voxel ends at the global least-squares optimum
+    of its model within ``model.bounds``, magnitude IR data included.
     """
     return fit_varpro(model, data, lm_iterations=max_iter, **kwargs)

@@ -1,8 +1,12 @@
-"""Where the spheres of the system phantom's plate are: template, circle finding, ROIs.
+"""Where the spheres of the system phantom's plate are, and which sphere is which.
 
 The plate's template of sphere centres (hazen's, on a 192x192 grid of 250 mm) is registered to
-the circles that a Hough transform finds in the images; :func:`roi_values` and
-:func:`roi_curves` then read the map or the signal at each sphere.
+the circles that a Hough transform finds in the images, at every rotation and in both mirror
+states (:func:`sphere_candidates`). The plate is nearly symmetric, so the geometry leaves
+several labellings; :func:`label_by_values` keeps the one whose fitted T1 (or T2) falls with
+the sphere number, as it does on plates 4 and 5, or refuses with
+:class:`OrientationError`. :func:`roi_values` and :func:`roi_curves` read a map or the signal
+at each sphere.
 """
 
 from __future__ import annotations
@@ -377,9 +381,13 @@ def label_by_values(
     values = np.asarray(torch.as_tensor(values).detach().cpu(), dtype=np.float64)
     scored = []
     for spheres in candidates:
-        medians = [np.median(v) for v in roi_values(values, spheres.centres[:14], half)]
-        rho = float(spearmanr(np.arange(1, 15), medians).statistic)
-        scored.append(replace(spheres, rank_correlation=-1.0 if math.isnan(rho) else rho))
+        rois = roi_values(values, spheres.centres[:14], half)
+        medians = [np.median(v) if v.size else np.nan for v in rois]  # empty: off the image
+        # constant values (no signal, one fill everywhere) carry no order: rank correlation 0
+        rho = 0.0
+        if np.all(np.isfinite(medians)) and np.ptp(medians) > 0:
+            rho = float(spearmanr(np.arange(1, 15), medians).statistic)
+        scored.append(replace(spheres, rank_correlation=rho))
     scored.sort(key=lambda s: s.rank_correlation)
     best = scored[0]
     if best.rank_correlation > -min_correlation:

@@ -1,4 +1,4 @@
-"""In a real browser: the widgets of notebook 01 in JupyterLab, and the HTML reports.
+"""In a real browser: the widgets of notebook 01 in JupyterLab, and the site of all tutorials.
 
 Headless Chromium is Debian's (``/usr/bin/chromium``; ``make test`` installs it where it can),
 driven by Playwright with ``executable_path`` set, so Playwright never downloads a browser.
@@ -9,13 +9,17 @@ folder, or to ``$QMRI_SCREENSHOT_DIR`` when set, for a person to look at.
 
 from __future__ import annotations
 
-import json
+import contextlib
+import functools
+import http.server
 import os
+import re
 import secrets
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -164,50 +168,191 @@ def test_notebook_01_widgets_in_jupyterlab(browser, jupyter_lab, shots):
     page.close()
 
 
-def _reports() -> list[Path]:
-    reports = sorted((ROOT / "reports").glob("[0-9][0-9]_*.html"))
-    _require(bool(reports), "no HTML reports in reports/: run `make reports` first")
-    return reports
+SITE = ROOT / "build" / "site"
+TEACHER_SITE = ROOT / "build" / "site-teacher"
+SCRIPTS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
+# Emoji and pictographs: no font in a plain Linux install draws them (empty boxes).
+EMOJI = re.compile("[\u2600-\u27bf\U0001f000-\U0001faff\ufe0f]")
 
 
-def test_html_reports_show_every_figure_and_no_error(browser, shots):
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep the test output for failures
+        pass
+
+
+@contextlib.contextmanager
+def _serve(folder: Path):
+    """Serve a built site on loopback, as any static host would (search needs http)."""
+    make = "make site TEACHER=1" if folder == TEACHER_SITE else "make site"
+    _require((folder / "index.html").exists(), f"no site in {folder}: run `{make}` first")
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def site():
+    with _serve(SITE) as url:
+        yield url
+
+
+def _offline_page(browser, local: str, viewport=(1300, 900)):
+    """A page that may load only from ``local``: every other request is refused and recorded."""
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+    page.refused, page.errors = [], []
+
+    def route(request_route):
+        if request_route.request.url.startswith((local, "data:", "blob:", "about:")):
+            request_route.continue_()
+        else:
+            page.refused.append(request_route.request.url)
+            request_route.abort()
+
+    page.route("**/*", route)
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    return page
+
+
+def _figures_executed(stem: str) -> int:
+    """The figures the kernel produced, from jupyter-cache's record of the site's build."""
+    import nbformat
+    from jupyter_cache import get_cache
+
+    source = ROOT / "docs" / "notebooks" / f"{stem}.ipynb"
+    _, nb = get_cache(ROOT / "build" / "jupyter_cache").merge_match_into_notebook(
+        nbformat.read(source, as_version=4)
+    )
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors, f"{stem}: {errors[0].ename}: {errors[0].evalue}"
+    return sum(
+        "image/png" in output.get("data", {})
+        for cell in nb.cells
+        if cell.cell_type == "code" and "remove-cell" not in cell.metadata.get("tags", [])
+        for output in cell.get("outputs", [])
+    )
+
+
+def _check_page(page, name: str) -> str:
+    """Every image loaded with alt text, no script error, nothing from the network."""
+    images = page.evaluate(
+        "() => [...document.querySelectorAll('main img')].map(img => ({src: img.src,"
+        " ok: img.complete && img.naturalWidth > 0, alt: img.getAttribute('alt') || ''}))"
+    )
+    broken = [i["src"] for i in images if not i["ok"]]
+    assert not broken, f"{name}: images that do not load: {broken}"
+    no_alt = [i["src"] for i in images if len(i["alt"]) < 10 or i["alt"].endswith(".png")]
+    assert not no_alt, f"{name}: images without alt text: {no_alt}"
+    text = page.locator("body").inner_text()
+    for bad in ("Traceback (most recent call last)", "Math Processing Error", "Not yet.",
+                "0%|", "Error executing", "WARNING"):  # fmt: skip
+        assert bad not in text, f"{name} shows {bad!r}"
+    assert not page.errors, f"{name}: script errors {page.errors}"
+    assert not page.refused, f"{name} asked the network for {page.refused}"
+    return text
+
+
+def test_site_has_a_page_per_notebook_in_teaching_order(browser, site, shots):
+    page = _offline_page(browser, site)
+    page.goto(f"{site}/index.html")
+    text = _check_page(page, "index.html")
+    assert "Data sources and citations" in text
+    page.screenshot(path=str(shots / "site_index.png"))
+    # The sidebar lists every notebook, in the order of their file names
+    links = page.locator("nav.bd-docs-nav a.reference.internal")
+    hrefs = [h.split("/")[-1] for h in links.evaluate_all("els => els.map(e => e.href)")]
+    pages = [h.removesuffix(".html") for h in hrefs if re.match(r"\d\d_", h)]
+    assert pages == [s.stem for s in SCRIPTS], pages
+    # Navigation: "next" leads from the landing page through the notebooks to the data page
+    visited = []
+    for _ in range(len(pages) + 1):
+        page.click("main a.right-next")
+        page.wait_for_load_state("load")
+        visited.append(page.url.split("/")[-1].removesuffix(".html"))
+    assert visited == [*pages, "data"]
+    _check_page(page, "data.html")
+    page.close()
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_site_notebook_page_shows_figures_equations_and_no_error(browser, site, shots, script):
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-    for report in _reports():
-        executed = json.loads(report.with_suffix(".ipynb").read_text())
-        figures = sum(
-            "image/png" in output.get("data", {})
-            for cell in executed["cells"]
-            if cell["cell_type"] == "code"
-            for output in cell.get("outputs", [])
+    page = _offline_page(browser, site)
+    page.goto(f"{site}/notebooks/{script.stem}.html")
+    page.wait_for_load_state("load")
+    # Equations: MathJax (from _static/mathjax) typesets every one, with no network
+    equations = page.locator("main .math.notranslate").count()
+    assert equations > 0, f"{script.stem}: no equation on the page"
+    try:
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('main .math.notranslate')]"
+            ".every(e => e.querySelector('.MathJax, .MathJax_Display'))",
+            timeout=60_000,
         )
-        errors = [
-            output
-            for cell in executed["cells"]
-            for output in cell.get("outputs", [])
-            if output.get("output_type") == "error"
-        ]
-        assert not errors, f"{report.name}: {errors[0]['ename']}: {errors[0]['evalue']}"
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.goto(report.as_uri())
-        page.wait_for_load_state("load")
-        shown = page.locator(".jp-OutputArea-output img")
-        assert shown.count() == figures, f"{report.name}: {shown.count()} of {figures} figures"
-        loaded = page.evaluate(
-            "() => [...document.querySelectorAll('.jp-OutputArea-output img')]"
-            ".filter(img => img.complete && img.naturalWidth > 0).length"
-        )
-        assert loaded == figures, f"{report.name}: only {loaded} of {figures} figures load"
-        # Every notebook has equations; MathJax comes from reports/mathjax, so this holds offline.
-        try:
-            page.wait_for_function("() => document.querySelectorAll('.MathJax').length > 0")
-        except PlaywrightTimeout:
-            pytest.fail(f"{report.name}: no equation rendered (is reports/mathjax there?)")
-        text = page.locator("body").inner_text()
-        assert "Math Processing Error" not in text, report.name
-        assert "Traceback (most recent call last)" not in text, report.name
-        assert "Data used:" in text, report.name
-        # The cells tagged remove-cell (badges, install) are for notebooks, not for reports.
-        assert "QMRI_TUTORIALS" not in text and not page.locator("a[href*=colab]").count()
-        page.screenshot(path=str(shots / f"{report.stem}.png"), full_page=False)
-        page.close()
+    except PlaywrightTimeout:
+        pytest.fail(f"{script.stem}: the {equations} equations did not render")
+    assert not page.locator(".MathJax_Error, merror").count(), f"{script.stem}: TeX errors"
+    figures = _figures_executed(script.stem)
+    shown = page.locator("main .cell_output img")
+    assert shown.count() == figures, f"{script.stem}: {shown.count()} of {figures} figures"
+    text = _check_page(page, script.stem)
+    assert "Data used:" in text, script.stem
+    assert "Correct." in text, f"{script.stem}: no exercise check passed"
+    # The cells tagged remove-cell (badges, install cell, the site's setup) are not shown
+    assert "QMRI_TUTORIALS" not in text and not page.locator("a[href*=colab]").count()
+    assert not EMOJI.search(text), f"{script.stem}: emoji {EMOJI.findall(text)}"
+    page.screenshot(path=str(shots / f"site_{script.stem}.png"), full_page=False)
+    page.close()
+
+
+def test_site_search_finds_the_tutorials(browser, site, shots):
+    page = _offline_page(browser, site)
+    page.goto(f"{site}/index.html")
+    page.keyboard.press("Control+k")  # the theme's search dialog
+    field = page.locator("#pst-search-dialog input[type=search]")
+    field.wait_for(state="visible", timeout=10_000)
+    field.fill("inversion recovery")
+    field.press("Enter")
+    page.wait_for_url("**/search.html?q=*")
+    results = page.locator("#search-results ul.search li a")
+    results.first.wait_for(timeout=30_000)
+    found = results.evaluate_all("els => els.map(e => e.getAttribute('href'))")
+    assert any("01_t1_inversion_recovery" in href for href in found), found
+    page.screenshot(path=str(shots / "site_search.png"))
+    _check_page(page, "search.html")
+    page.close()
+
+
+@pytest.mark.parametrize(
+    ("folder", "shown"), [(SITE, False), (TEACHER_SITE, True)], ids=["learners", "teacher"]
+)
+def test_exercise_solutions_are_folded_for_learners_and_shown_to_teachers(browser, folder, shown):
+    with _serve(folder) as url:
+        for script in SCRIPTS:
+            page = _offline_page(browser, url)
+            page.goto(f"{url}/notebooks/{script.stem}.html")
+            solutions = page.locator("main .cell.tag_solution .cell_input")
+            assert solutions.count() >= 1, f"{script.stem}: no solution cell"
+            for i in range(solutions.count()):
+                assert solutions.nth(i).is_visible() == shown, f"{script.stem}: solution {i + 1}"
+            if not shown:  # one click on the toggle shows it
+                page.locator("main .cell.tag_solution details summary").first.click()
+                assert solutions.first.is_visible()
+            page.close()
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_notebook_headings_have_no_emoji(script):
+    import jupytext
+
+    for cell in jupytext.read(script).cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                if line.startswith("#"):
+                    assert not EMOJI.search(line), f"{script.name}: {line!r}"

@@ -363,6 +363,25 @@ def test_hazen_series_as_multi_frame_gives_the_same_tensor_and_header(hazen, sit
     _assert_same_series(dicom.load_series([timed]), reference)
 
 
+def test_multi_echo_multi_frame_with_an_empty_mr_modifier(tmp_path):
+    """Scanners write an MR Modifier sequence (InversionRecovery NO) in every frame of a
+    gradient echo; its empty InversionTimes must not make the series an IR series."""
+    phantom.write_multi_echo_phantom(tmp_path / "single", shape=(16, 16))
+    reference = dicom.load_series(tmp_path / "single")
+    legacy = _legacy_multi_frame(dicom.list_files(tmp_path / "single"), tmp_path / "mf.dcm")
+    timed = _with_mr_timing_sequences(legacy, tmp_path / "enhanced.dcm")
+    ds = pydicom.dcmread(timed)
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        modifier = pydicom.Dataset()
+        modifier.InversionRecovery = "NO"
+        modifier.InversionTimes = []
+        frame.MRModifierSequence = [modifier]
+    ds.save_as(timed)
+    images, header = dicom.load_series([timed])
+    assert header.sorted_by == "EchoTime" and header.ti is None
+    _assert_same_series((images, header), reference)
+
+
 def test_a_frame_without_inversion_time_is_named(ir_phantom, tmp_path):
     legacy = _legacy_multi_frame(dicom.list_files(ir_phantom[0]), tmp_path / "legacy.dcm")
     timed = _with_mr_timing_sequences(legacy, tmp_path / "enhanced.dcm")

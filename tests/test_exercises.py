@@ -1,18 +1,25 @@
 """The exercises' check functions: a right answer passes, each typical mistake is named.
 
 The right answers are written here from their closed forms (T1 ln 2, phi.y / phi.phi,
-M0 exp(-TE/T2*)), independently of the check functions' own references.
+M0 exp(-TE/T2*)), independently of the check functions' own references. The last tests hold
+every notebook to the exercise/solution pairing that the site relies on.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import jupytext
 import pandas as pd
 import pytest
 import torch
 
 from qmri_helpers import exercises
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
+
 
 # --- notebook 01: the null point ---------------------------------------------------------
 
@@ -133,7 +140,10 @@ def qa_table() -> pd.DataFrame:
 
 
 def test_passing_spheres_right_answer(qa_table):
-    assert exercises.check_passing_spheres([4, 2, 1], qa_table, tolerance=0.05).correct
+    feedback = exercises.check_passing_spheres([4, 2, 1], qa_table, tolerance=0.05)
+    assert feedback.correct and "3 spheres within ±5% of nominal" in feedback.message
+    strict = exercises.check_passing_spheres([4], qa_table, tolerance=0.015)
+    assert strict.correct and "1 sphere within ±1.5% of nominal" in strict.message
     assert exercises.check_passing_spheres((1, 2, 3, 4), qa_table, tolerance=0.08).correct
     assert exercises.check_passing_spheres([], qa_table, tolerance=0.005).correct
 
@@ -159,3 +169,33 @@ def test_passing_spheres_percent_column_against_a_fraction(qa_table):
     # |vs nominal (%)| <= 0.05 keeps none here, unlike the right answer [1, 2, 4]
     feedback = exercises.check_passing_spheres([], qa_table, tolerance=0.05)
     assert not feedback.correct and "is in percent" in feedback.message
+
+
+# --- every notebook: exercise and solution in pairs ----------------------------------------
+
+
+def _heading(cell, prefix: str) -> str | None:
+    if cell.cell_type != "markdown":
+        return None
+    return next((line for line in cell.source.splitlines() if line.startswith(prefix)), None)
+
+
+@pytest.mark.parametrize("script", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_pairs_each_exercise_with_a_hidden_solution_and_a_check(script):
+    cells = jupytext.read(script).cells
+    exercises_at = [i for i, c in enumerate(cells) if _heading(c, "### Exercise")]
+    assert exercises_at, f"{script.name} has no '### Exercise' heading"
+    for n, at in enumerate(exercises_at, start=1):
+        assert _heading(cells[at], "### Exercise").startswith(f"### Exercise {n}"), script.name
+        rest = cells[at + 1 :]
+        empty = rest[0]
+        assert empty.cell_type == "code" and "Write your code here" in empty.source
+        assert "solution" not in empty.metadata.get("tags", [])
+        heading = next(i for i, c in enumerate(rest) if _heading(c, "### Solution"))
+        assert _heading(rest[heading], "### Solution") == f"### Solution for Exercise {n}"
+        solution = rest[heading + 1]
+        assert solution.cell_type == "code"
+        assert set(solution.metadata.get("tags", [])) >= {"solution", "hide-input"}
+        assert solution.metadata.get("jupyter", {}).get("source_hidden") is True  # JupyterLab
+        check = next(c for c in rest[heading + 2 :] if c.cell_type == "code")
+        assert "qh.exercises.check_" in check.source, f"{script.name}: exercise {n} unchecked"

@@ -7,6 +7,7 @@ reference: the known truth of noiseless synthetic curves, or the fit of the corr
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -361,7 +362,8 @@ def test_failure_reasons_are_counted_once_each():
 def test_grid_search_alone_fails_voxels_at_the_ends_of_its_grid():
     data = _three_parameter_data(torch.tensor([0.6, 7.0, 1.2], dtype=torch.float64))
     model = models.ir_three_parameter_model(TI)
-    grid_only = fitting.fit_varpro(model, data)  # grid 10 ms to 5 s: 7 s is pinned at 5 s
+    grid = torch.logspace(-2, math.log10(5.0), 120)  # 10 ms to 5 s: 7 s is pinned at 5 s
+    grid_only = fitting.fit_varpro(model, data, grid=grid)
     assert grid_only.valid.tolist() == [True, False, True]
     assert grid_only.failures == {"at a bound": 1}
     refined = fitting.fit_lm(model, data)  # LM leaves the grid: 7 s is within the 10 s bound
@@ -380,3 +382,46 @@ def test_grid_search_alone_fails_voxels_at_the_ends_of_its_grid():
 def test_a_bad_grid_is_a_clear_error(grid, message):
     with pytest.raises(ValueError, match=message):
         fitting.fit_varpro(models.ir_seed_model(TI), _three_parameter_data(), grid=grid)
+
+
+# --- the EPG fit of T2 and B1 (fit_epg): the same checks ---------------------------------
+
+
+def _cpmg(t2: torch.Tensor, b1: torch.Tensor, n: int = 16, esp: float = 0.01):
+    """Noiseless CPMG trains (M0 = 1000) from the EPG model, and their echo times (s)."""
+    te = torch.arange(1, n + 1, dtype=torch.float64) * esp
+    model = models.epg_cpmg_model(te)
+    return model(m0=torch.full_like(t2, 1000.0), t2=t2, b1=b1).float(), te.float()
+
+
+def test_fit_epg_refuses_echo_times_in_ms_and_empty_data():
+    data, te = _cpmg(torch.full((3,), 0.1), torch.full((3,), 0.8))
+    with pytest.raises(ValueError, match="TE looks like milliseconds: the largest is 160"):
+        fitting.fit_epg(data, te * 1000)
+    with pytest.raises(ValueError, match=r"data is empty: shape \(16, 0\) has no voxels"):
+        fitting.fit_epg(data[:, :0], te)
+    with pytest.raises(ValueError, match="the mask selects no voxel"):
+        fitting.fit_epg(data, te, mask=torch.zeros(3, dtype=torch.bool))
+
+
+def test_fit_epg_counts_its_failures_by_reason():
+    data, te = _cpmg(torch.full((5,), 0.1), torch.full((5,), 0.8))
+    data[:, 1] = float("nan")
+    data[:, 2] = 0.0
+    data[:, 3] = 1000.0 * torch.exp(-te / 10.0)  # T2 = 10 s, beyond the dictionary's 3 s
+    fit = fitting.fit_epg(data, te)
+    assert fit.valid.tolist() == [True, False, False, False, True]
+    assert fit.failures == {"not finite": 1, "no signal": 1, "at a bound": 1}
+    assert all(math.isfinite(loss) for loss in fit.loss_history)  # NaN stays out
+    torch.testing.assert_close(fit.params["t2"][[0, 4]], torch.full((2,), 0.1), rtol=6e-3, atol=0)
+    _assert_counts_add_up(fit)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fit_epg_computes_half_precision_in_float32(dtype):
+    data, te = _cpmg(torch.tensor([0.05, 0.1, 0.2]), torch.tensor([0.7, 0.8, 0.9]))
+    half = fitting.fit_epg(data.to(dtype), te)
+    full = fitting.fit_epg(data.to(dtype).float(), te)
+    assert half.params["t2"].dtype == torch.float32
+    torch.testing.assert_close(half.params["t2"], full.params["t2"], rtol=0, atol=0)
+    torch.testing.assert_close(half.params["t2"], torch.tensor([0.05, 0.1, 0.2]), rtol=0.02, atol=0)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from qmri_helpers import models, phantom, phantom_qa, qa_report
+from qmri_helpers import models, phantom, phantom_qa, qa_report, reference
 
 matplotlib.use("Agg")
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,3 +251,17 @@ def test_roi_figure_says_what_each_marker_means(plate5):
     fig.canvas.draw()
     title = fig._suptitle.get_window_extent()
     assert not title.overlaps(fig.axes[1].get_window_extent())  # the colorbar
+
+
+def test_serial_and_temperature_choose_the_nominal_values(plate5):
+    folder, _, _ = plate5
+    qa = phantom_qa.run_t1_qa(folder, serial=60, temperature_c=22)
+    expected = reference.reference_t1(5, 1.5, serial=60, temperature_c=22)
+    np.testing.assert_allclose(qa.table["nominal 1.5 T (ms)"], expected.ms, atol=0.01)
+    assert qa.reference.version == 2 and qa.reference.temperature_c == 22
+    assert set(qa.table.reference) == {"plate 5, version 2, 22 °C, 1.5 T"}
+    assert "scaled by the change at 3 T" in qa.summary
+    # version 2 at 22 °C differs from version 1 at 20 °C: sphere 2 by about 7%
+    assert qa.table["nominal 1.5 T (ms)"][1] / 1489 - 1 == pytest.approx(-0.0679, abs=0.002)
+    with pytest.raises(ValueError, match=rf"{folder}: no reference values at 30 °C"):
+        phantom_qa.run_t1_qa(folder, temperature_c=30)
