@@ -2,26 +2,35 @@
 
 Every solver fits the same synthetic inversion-recovery phantom (10 TIs, SNR 100, the NIST
 T1 vials) at each size. Errors are relative T1 errors over the voxels of the vials with T1 from
-0.1 to 2.5 s, against the truth and against a float64 least-squares reference (LM run to a
-1e-14 tolerance). Each (solver, size) runs in a fresh process, so its peak memory is its own.
+0.1 to 2.5 s, against an independent float64 reference of the solver's model: a dense grid
+plus golden-section search for every sign pattern (``exact_reference.py``), which shares no
+code with the solvers. On volumes the reference covers 4 of the slices. Each (solver, size)
+runs in a fresh process, so its peak memory is its own. A "busy" row runs with one busy
+background process (a CPU loop that stops itself) on the machine, with the thread policy of
+``qmri_helpers.fitting.thread_policy`` on and off. With CUDA present, GPU rows follow, with the
+first (warm-up) call timed apart.
 
-    python benchmarks/fit_speed.py            # print the table
+    python benchmarks/fit_speed.py            # print the table (about 15 min on 2 idle cores)
     python benchmarks/fit_speed.py --readme   # also rewrite the README's results section
-    python benchmarks/fit_speed.py --quick    # 128x128 only
+    python benchmarks/fit_speed.py --quick    # 128x128 only (about 1 min)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+from exact_reference import reference_fit
 from readme_section import replace_section
 
 from qmri_helpers import fitting, models, phantom
@@ -29,16 +38,23 @@ from qmri_helpers import fitting, models, phantom
 SIZES = {"128x128": (1, 128, 128), "256x256": (1, 256, 256), "256x256x32": (32, 256, 256)}
 LARGE = {"256x256x128": (128, 256, 256)}
 SOLVERS = {
-    "seed: dictionary + 2000 Adam": "seed",
-    "VarPro grid (closed-form M0)": "varpro",
-    "VarPro + LM (seed model)": "lm",
-    "VarPro + LM (3-parameter)": "lm3",
+    "seed: dictionary + 2000 Adam (fit_adam)": "seed",
+    "MRpro's recipe: dictionary + 2000 plain Adam": "plain",
+    "VarPro grid only (closed-form M0)": "varpro",
+    "exact VarPro, seed model (fit_lm)": "lm",
+    "exact VarPro, 3-parameter (fit_lm)": "lm3",
 }
-BEST = "VarPro + LM (seed model)"
+SEED, BEST = "seed: dictionary + 2000 Adam (fit_adam)", "exact VarPro, seed model (fit_lm)"
+#: Adam iterations of the seed recipe; on volumes (and busy rows) it runs ADAM_SHORT, scaled.
+ADAM_ITERATIONS, ADAM_SHORT = 2000, 200
+#: Slices of a volume that the reference covers.
+REFERENCE_SLICES = 4
+#: Longest life of the busy background process (s); it is stopped as soon as its row is done.
+BUSY_SECONDS = 600
 
 
 def make_data(shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Images (10, z, y, x), TIs (s) and the true T1 map (z, y, x) of a z-slice phantom."""
+    """Images (10, z, y, x), TIs (s) and the true T1 map (z, y, x), 0 outside the vials."""
     truth = phantom.make_phantom(shape[1:])
     images = torch.empty((len(phantom.DEFAULT_TI), *shape), dtype=torch.float32)
     for z in range(shape[0]):  # slice by slice, so the data's float32 copy is the only big one
@@ -50,115 +66,247 @@ def make_data(shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, 
     return images, torch.tensor(phantom.DEFAULT_TI), np.where(vials, t1, 0.0)
 
 
-#: Adam iterations of the seed recipe; on volumes it runs ADAM_SHORT and is extrapolated.
-ADAM_ITERATIONS, ADAM_SHORT = 2000, 200
+def reference_voxels(truth: np.ndarray) -> np.ndarray:
+    """Flat indices of the vial voxels the reference covers (all, or 4 slices of a volume)."""
+    vials = truth > 0
+    if vials.shape[0] > 1:
+        keep = np.zeros(vials.shape[0], dtype=bool)
+        keep[:: max(1, vials.shape[0] // REFERENCE_SLICES)] = True
+        vials = vials & keep[:, None, None]
+    return np.flatnonzero(vials)
 
 
-def run_solver(
-    kind: str, images: torch.Tensor, ti: torch.Tensor, n_iter: int = ADAM_ITERATIONS
-) -> torch.Tensor:
+def reference_model(kind: str, ti: torch.Tensor):
+    return models.ir_three_parameter_model(ti) if kind == "lm3" else models.ir_seed_model(ti)
+
+
+def plain_adam(images: torch.Tensor, ti: torch.Tensor, n_iter: int) -> torch.Tensor:
+    """MRpro's recipe in plain torch: dictionary start, Adam on M0 and T1 themselves, one MSE."""
+    model = models.inversion_recovery(ti)
+    start = fitting.dictionary_match(images, model, "t1", torch.logspace(-2, 1, 300))
+    params = [start["m0"].clone().requires_grad_(True), start["t1"].clone().requires_grad_(True)]
+    optimizer = torch.optim.Adam(params, lr=0.01)
+    for _ in range(n_iter):
+        optimizer.zero_grad()
+        models.mse(model(m0=params[0], t1=params[1]), images).backward()
+        optimizer.step()
+    return params[1].detach()
+
+
+def run_solver(kind: str, images: torch.Tensor, ti: torch.Tensor, n_iter: int) -> torch.Tensor:
+    """The T1 map (s) of one solver, same shape as the images' voxels, on the images' device."""
     if kind == "seed":
         model = models.inversion_recovery(ti)
         start = fitting.dictionary_match(images, model, "t1", torch.logspace(-2, 1, 300))
-        return fitting.fit_adam(model, images, start, n_iter=n_iter, progress=False).params["t1"]
+        result = fitting.fit_adam(
+            model, images, start, n_iter=n_iter, progress=False, device=images.device
+        )
+        return result.params["t1"]
+    if kind == "plain":
+        with fitting._flush_denormals():
+            return plain_adam(images, ti.to(images.device), n_iter)
     if kind == "varpro":
         return fitting.fit_varpro(models.ir_seed_model(ti), images).params["t1"]
-    if kind == "lm":
-        return fitting.fit_lm(models.ir_seed_model(ti), images).params["t1"]
-    if kind == "lm3":
-        return fitting.fit_lm(models.ir_three_parameter_model(ti), images).params["t1"]
-    if kind == "reference":
-        return fitting.fit_lm(models.ir_seed_model(ti), images, max_iter=200, tol=1e-14).params[
-            "t1"
-        ]
+    if kind in ("lm", "lm3"):
+        return fitting.fit_lm(reference_model(kind, ti), images).params["t1"]
     raise ValueError(kind)
 
 
-def one(kind: str, size: str) -> dict:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def one(kind: str, size: str, reference: str, device: str, short: bool) -> dict:
     """Run one solver on one size in this process; report time, memory and errors."""
-    torch.set_num_threads(torch.get_num_threads())
     images, ti, truth = make_data({**SIZES, **LARGE}[size])
-    run_solver(kind, images[:, :1, :16, :16], ti)  # warm-up, outside the timing
+    dev = torch.device(device)
+    n_iter = ADAM_SHORT if short else ADAM_ITERATIONS
+    warm_images = images[:, :1, :16, :16].to(dev)
+    run_solver(kind, warm_images, ti, 2 if kind in ("seed", "plain") else n_iter)
+    images = images.to(dev)
+    out: dict = {"voxels": int(np.prod(images.shape[1:])), "device": device}
+    if dev.type == "cuda":  # the first call at full size is the warm-up, timed apart
+        torch.cuda.reset_peak_memory_stats(dev)
+        _sync(dev)
+        start = time.perf_counter()
+        run_solver(kind, images, ti, n_iter)
+        _sync(dev)
+        out["warmup_s"] = time.perf_counter() - start
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    # 2000 Adam steps on a 2-million-voxel volume take over half an hour on 2 cores: time
-    # 200 and scale the time (Adam's cost per step is constant); its errors are then not final.
-    short = kind == "seed" and images.shape[1] > 1
+    _sync(dev)
     start = time.perf_counter()
-    t1 = run_solver(kind, images, ti, ADAM_SHORT if short else ADAM_ITERATIONS)
+    t1 = run_solver(kind, images, ti, n_iter)
+    _sync(dev)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    inside = truth > 0
-    out = {"seconds": seconds, "voxels": int(np.prod(images.shape[1:])), "peak_mb": peak}
-    out["extra_mb"] = peak - baseline
-    if short:
+    out.update(seconds=seconds, peak_mb=peak, extra_mb=peak - baseline)
+    if dev.type == "cuda":
+        out["gpu_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    if short and kind in ("seed", "plain"):
         out["seconds"] = seconds * ADAM_ITERATIONS / ADAM_SHORT
-        out["note"] = f"timed over {ADAM_SHORT} of {ADAM_ITERATIONS} steps, scaled"
-    elif size in SIZES:
-        reference = run_solver("reference", images, ti).numpy()[inside].astype(np.float64)
-        fitted = t1.numpy()[inside].astype(np.float64)
-        vs_truth = np.abs(fitted / truth[inside] - 1)
-        vs_ref = np.abs(fitted / reference - 1)
-        for name, err in (("truth", vs_truth), ("ref", vs_ref)):
-            out[name] = [float(np.median(err)), float(np.percentile(err, 95)), float(err.max())]
+        out["note"] = f"{ADAM_SHORT} of {ADAM_ITERATIONS} steps, time scaled"
+        return out
+    if dev.type == "cuda" and kind in ("lm", "lm3") and out["voxels"] <= 2**21:
+        on_cpu = run_solver(kind, images.cpu(), ti, n_iter).numpy()
+        both = (on_cpu > 0) & (t1.cpu().numpy() > 0)
+        out["vs_cpu"] = float(np.abs(t1.cpu().numpy()[both] / on_cpu[both] - 1).max())
+    if reference == "-":
+        return out
+    voxels = reference_voxels(truth)
+    fitted = t1.detach().cpu().numpy().reshape(-1)[voxels].astype(np.float64)
+    ref = np.load(reference)
+    err = np.abs(fitted / ref - 1)
+    err = np.where(np.isfinite(err), err, np.inf)
+    out["ref"] = [float(np.median(err)), float(np.percentile(err, 95)), float(err.max())]
+    out["failed"] = int((~(fitted > 0)).sum())
+    out["reference_voxels"] = int(voxels.size)
     return out
+
+
+def references(size: str, folder: Path) -> dict[str, str]:
+    """Compute the reference of both models for one size once; return the files by model."""
+    images, ti, truth = make_data({**SIZES, **LARGE}[size])
+    voxels = reference_voxels(truth)
+    data = images.reshape(images.shape[0], -1)[:, voxels]
+    files = {}
+    for name in ("lm", "lm3"):
+        path = folder / f"{size}-{name}.npy"
+        np.save(path, reference_fit(reference_model(name, ti), data).numpy())
+        files[name] = str(path)
+    return files
+
+
+def busy_process() -> subprocess.Popen:
+    """One CPU-bound background process that stops itself after BUSY_SECONDS."""
+    loop = (
+        f"import time\nend = time.monotonic() + {BUSY_SECONDS}\n"
+        "while time.monotonic() < end:\n    pass\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", loop])
+
+
+def run_child(args: list[str], env: dict | None = None, busy: bool = False) -> dict:
+    background = busy_process() if busy else None
+    try:
+        time.sleep(0.5 if busy else 0)  # let the loop start
+        run = subprocess.run(
+            [sys.executable, __file__, "--one", *args],
+            capture_output=True, text=True, check=True, env=env,
+        )  # fmt: skip
+    finally:
+        if background is not None:
+            background.terminate()
+            background.wait()
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.2g}x"
 
 
 def table(rows: list[tuple[str, str, dict]]) -> str:
     head = (
-        "| size | solver | s | voxels/s | vs truth: median / p95 / max | "
-        "vs float64 LS: median / p95 / max | peak MB (extra) |\n|---|---|---|---|---|---|---|\n"
+        "| size | solver | device | s | speed-up | vs exact reference: median / p95 / max "
+        "| failed | peak MB (extra) |\n|---|---|---|---|---|---|---|---|\n"
     )
+    seed = {(size, r["device"]): r["seconds"] for size, label, r in rows if label == SEED}
     lines = []
     for size, solver, r in rows:
-
-        def pct(key, r=r):
-            return " / ".join(f"{v * 100:.3g}%" for v in r[key]) if key in r else "n/a"
-
-        seconds = f"{r['seconds']:.3g}" + (f" ({r['note']})" if "note" in r else "")
+        errors = " / ".join(f"{v * 100:.2g}%" for v in r["ref"]) if "ref" in r else "n/a"
+        seconds = f"{r['seconds']:.3g}"
+        if "warmup_s" in r:
+            seconds += f" (warm-up {r['warmup_s']:.3g})"
+        if "note" in r:
+            seconds += f" ({r['note']})"
+        if "vs_cpu" in r:
+            errors += f"; max vs CPU {r['vs_cpu']:.1e}"
+        base = seed.get((size, r["device"]))
+        speedup = _times(base / r["seconds"]) if base and solver != SEED else ""
+        memory = f"{r['peak_mb']:.0f} ({r['extra_mb']:.0f})"
+        if "gpu_peak_mb" in r:
+            memory += f", GPU {r['gpu_peak_mb']:.0f}"
         lines.append(
-            f"| {size} | {solver} | {seconds} | {r['voxels'] / r['seconds']:.3g} | "
-            f"{pct('truth')} | {pct('ref')} | {r['peak_mb']:.0f} ({r['extra_mb']:.0f}) |"
+            f"| {size} | {solver} | {r['device']} | {seconds} | {speedup} | {errors} "
+            f"| {r.get('failed', 'n/a')} | {memory} |"
         )
     return head + "\n".join(lines)
 
 
-def speedups(rows: list[tuple[str, str, dict]]) -> str:
-    by = {(size, solver): r for size, solver, r in rows}
-    out = []
-    for size in SIZES:
-        seed = by.get((size, next(iter(SOLVERS))))
-        best = by.get((size, BEST))
-        if seed and best:
-            out.append(f"{size}: {seed['seconds'] / best['seconds']:.0f}x")
-    return f"Speed-up of {BEST} over the seed recipe: " + ", ".join(out) + "."
+def load() -> str:
+    try:
+        return "load average " + " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "load average unknown"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--one", nargs=2, metavar=("SOLVER", "SIZE"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--readme", action="store_true", help="rewrite the README section")
     parser.add_argument("--quick", action="store_true", help="128x128 only")
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(*args.one)))
+        kind, size, reference, device, short = args.one
+        if os.environ.get("QMRI_THREAD_POLICY") == "0":
+            fitting.THREAD_POLICY = False
+        print(json.dumps(one(kind, size, reference, device, short == "short")))
         return
+    before = load()
     sizes = ["128x128"] if args.quick else list(SIZES)
-    jobs = [(size, label) for size in sizes for label in SOLVERS]
-    if not args.quick:
-        jobs.append(("256x256x128", BEST))
+    busy_size = sizes[-1] if args.quick else "256x256"
     rows = []
-    for size, label in jobs:
-        run = subprocess.run(
-            [sys.executable, __file__, "--one", SOLVERS[label], size],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        rows.append((size, label, json.loads(run.stdout.strip().splitlines()[-1])))
-        print(f"done: {size} {label}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        refs = {size: references(size, Path(tmp)) for size in sizes}
+        print("references done", file=sys.stderr, flush=True)
+        for size in sizes:
+            volume = SIZES[size][0] > 1
+            for label, kind in SOLVERS.items():
+                ref = refs[size]["lm3" if kind == "lm3" else "lm"]
+                short = "short" if volume and kind in ("seed", "plain") else "full"
+                rows.append((size, label, run_child([kind, size, ref, "cpu", short])))
+                print(f"done: {size} {label}", file=sys.stderr, flush=True)
+        if not args.quick:
+            large = run_child(["lm", "256x256x128", "-", "cpu", "short"])
+            rows.append(("256x256x128", BEST, large))
+        for policy in ("1", "0"):
+            env = {**os.environ, "QMRI_THREAD_POLICY": policy}
+            state = "on" if policy == "1" else "off"
+            for label, kind in ((SEED, "seed"), (BEST, "lm")):
+                row = run_child(
+                    [kind, busy_size, refs[busy_size]["lm"], "cpu", "short"], env=env, busy=True
+                )
+                rows.append((busy_size, f"{label}, busy machine, thread policy {state}", row))
+                print(f"done: busy {kind} policy {state}", file=sys.stderr, flush=True)
+        gpu = "none"
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+            gpu_sizes = ["256x256"] if args.quick else ["256x256", "256x256x32", "256x256x128"]
+            for size in gpu_sizes:
+                ref = refs.get(size, {}).get("lm", "-")
+                for label, kind in ((SEED, "seed"), (BEST, "lm")):
+                    short = "short" if SIZES.get(size, LARGE.get(size))[0] > 1 else "full"
+                    if ref == "-" and short == "full":
+                        short = "short"
+                    rows.append((size, label, run_child([kind, size, ref, "cuda", short])))
+                    print(f"done: GPU {size} {label}", file=sys.stderr, flush=True)
+    after = load()
+    by = {(size, label, r["device"]): r for size, label, r in rows}
+    seconds = {key: r["seconds"] for key, r in by.items()}
+    speed = [
+        f"{size} {dev}: {_times(seconds[(size, SEED, dev)] / seconds[(size, BEST, dev)])}"
+        for size, label, dev in by
+        if label == BEST and (size, SEED, dev) in by
+    ]
     machine = (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, GPU: {gpu}, "
+        f"{time.strftime('%Y-%m-%d')}; {before} at the start, {after} at the end"
     )
-    text = f"{table(rows)}\n\n{speedups(rows)}\n\nMeasured on: {machine}.\n"
+    text = (
+        f"{table(rows)}\n\nSpeed-up of {BEST} over the seed recipe, same run: "
+        f"{', '.join(speed)}.\n\nMeasured on: {machine}.\n"
+    )
     print(text)
     if args.readme:
         replace_section("benchmark", text)

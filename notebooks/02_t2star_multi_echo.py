@@ -56,6 +56,8 @@ if importlib.util.find_spec("qmri_helpers") is None:
 # **Estimated time:** 25 minutes; the notebook runs in about a minute on a laptop CPU.
 
 # %%
+import time
+
 import torch
 
 import qmri_helpers as qh
@@ -212,34 +214,59 @@ else:
     roi = (0, slice(55, 75), slice(40, 55))  # the README's left-kidney ROI: y 55-75, x 40-55
     kmodel = qh.models.mono_exponential(kheader.te)
     kstart = {"m0": echoes[0].clone(), "t2star": torch.full(echoes.shape[1:], 0.020)}
+    kmask = echoes[0] > 0.15 * echoes[0].max()  # the body: background voxels hold only noise
+    kidneys = (slice(None), slice(35, 100), slice(20, 110))  # a box around both kidneys
+    adam_mask = torch.zeros_like(kmask)
+    adam_mask[kidneys] = kmask[kidneys]  # Adam fits these voxels only, to keep it quick
 
     # A plain Adam fit: T2* in ms, parameters and data in their own units.
     def kmodel_ms(m0, t2star_ms):
         return kmodel(m0=m0, t2star=t2star_ms / 1000)
 
+    tic = time.perf_counter()
     plain = qh.fitting.fit_adam(
         kmodel_ms, echoes, {"m0": kstart["m0"], "t2star_ms": kstart["t2star"] * 1000},
-        n_iter=2000, lr=0.01, log_params=False, normalise=False, progress=False,
+        n_iter=2000, lr=0.01, log_params=False, normalise=False, progress=False, mask=adam_mask,
     )  # fmt: skip
     plain_r2star = 1000 / plain.params["t2star_ms"].clamp_min(1e-6)
-    ours = qh.fitting.fit_adam(kmodel, echoes, kstart, n_iter=2000, progress=False)
+    ours = qh.fitting.fit_adam(kmodel, echoes, kstart, n_iter=2000, progress=False, mask=adam_mask)
     ours_r2star = 1 / ours.params["t2star"].clamp_min(1e-6)
+    adam_seconds = time.perf_counter() - tic
+    # The exact least-squares fit of notebook 03: closed-form M0, a 1-D search on T2*.
+    tic = time.perf_counter()
+    exact = qh.fitting.fit_lm(qh.models.mono_exp_model(kheader.te), echoes, mask=kmask)
+    exact_seconds = time.perf_counter() - tic
+    exact_r2star = 1 / exact.params["t2star"].clamp_min(1e-6)
+    print(
+        f"Both Adam fits ({int(adam_mask.sum())} voxels): {adam_seconds:.1f} s; "
+        f"the exact fit ({int(kmask.sum())} voxels): {exact_seconds:.2f} s"
+    )
 
     reference = scanner_r2star[roi].median().item()
-    for name, r2 in [("plain Adam, T2* in ms", plain_r2star), ("log-space Adam", ours_r2star)]:
+    fits = [
+        ("plain Adam, T2* in ms", plain_r2star),
+        ("log-space Adam", ours_r2star),
+        ("exact least squares", exact_r2star),
+    ]
+    for name, r2 in fits:
         value = r2[roi].median().item()
         print(
             f"{name:>22}: median R2* {value:5.1f} 1/s, scanner {reference:.1f} 1/s, "
             f"difference {value / reference - 1:+.1%}"
         )
-    kmask = echoes[0] > 0.15 * echoes[0].max()
+    differences = {name: r2[roi].median().item() / reference - 1 for name, r2 in fits}
+    # What the prose below says; the notebook stops here if a change ever makes it untrue.
+    assert 0.15 < differences["plain Adam, T2* in ms"] < 0.25, differences
+    assert all(-0.10 < differences[n] < 0 for n in ("log-space Adam", "exact least squares"))
     qh.plotting.show_maps(
         [
-            MapSpec(scanner_r2star, "Scanner R2*", "R2* (1/s)", 0, 80),
-            MapSpec(plain_r2star, "Plain Adam (T2* in ms)", "R2* (1/s)", 0, 80),
-            MapSpec(ours_r2star, "Log-space Adam", "R2* (1/s)", 0, 80),
+            MapSpec(scanner_r2star[kidneys], "Scanner R2*", "R2* (1/s)", 0, 80),
+            MapSpec(plain_r2star[kidneys], "Plain Adam (T2* in ms)", "R2* (1/s)", 0, 80),
+            MapSpec(ours_r2star[kidneys], "Log-space Adam", "R2* (1/s)", 0, 80),
+            MapSpec(exact_r2star[kidneys], "Exact least squares", "R2* (1/s)", 0, 80),
         ],
-        mask=kmask,
+        mask=kmask[kidneys],
+        ncols=2,
         title="Kidney R2*, slice 2 (ukat, Siemens Prisma 3 T)",
     )
 
@@ -257,8 +284,12 @@ else:
 #   independent of the scanner's intensity scale. Parametrising in R2* or a better start
 #   (the dictionary) help too, but the scaling is what fixes it.
 #
-# The remaining gap to the scanner (our fit is lower, by the difference printed above, under
-# 10%) is within what the data allow:
+# The exact least-squares fit (the solver of notebook 03: M0 in closed form, a 1-D search on
+# T2*) lands where log-space Adam does, in a fraction of the time, and needs no learning rate:
+# Adam's problem is the path, not the model. The Adam fits run on the body's voxels around
+# the kidneys only (`mask=adam_mask`), to keep them quick; the exact fit takes the whole body.
+# The remaining gap to the scanner (our fits are lower, by the differences printed above,
+# under 10%) is within what the data allow:
 # a log-linear fit of the same voxels gives a similar value, and this ROI includes some renal
 # sinus, where the scanner's map is higher.
 #
@@ -286,7 +317,8 @@ qh.widgets.image_slider(images, header.te, label="TE")
 #   of notebook 01.
 # - On the phantom the T2* map is within 3% of the truth for T2* from 5 to 120 ms.
 # - On a real kidney scan, a plain Adam fit is biased by 20%; fitting log-parameters on
-#   normalised data brings it within 10% of the scanner's map.
+#   normalised data brings it within 10% of the scanner's map, as does the exact
+#   least-squares fit, in a fraction of the time.
 #
 # ## What's next?
 # - Try `lr=0.1` or `N_ITER = 20000` for the plain fit: it gets there, slowly.

@@ -41,8 +41,9 @@ if importlib.util.find_spec("qmri_helpers") is None:
 # 1. the signal is **linear** in M0 (or in $a$ and $b$), so for a given T1 the best M0 has a
 #    closed form; a grid over T1 alone then gives every voxel an excellent start
 #    (*variable projection*);
-# 2. a few **Levenberg-Marquardt** steps, on all voxels at once, land on the least-squares
-#    optimum;
+# 2. a few one-dimensional **Levenberg-Marquardt** steps on T1 (M0 stays in closed form), on
+#    all voxels at once, land on the least-squares optimum, and a check of the sign patterns
+#    next to the null makes it the *global* optimum;
 # 3. real scanners use a short TR, so the seed's model is **wrong** for them: we compare it with
 #    a 3-parameter model and a model that knows each image's TR;
 # 4. magnitude images hide the sign of the signal, so the fit must find the **polarity**;
@@ -243,7 +244,9 @@ plt.show()
 # ## 4. The polarity of magnitude data
 # A magnitude image shows $|s|$: before the null the true signal is negative. To fit the
 # 3-parameter model, whose null can lie anywhere, the solver tries both signs for the point
-# nearest the null, solves the linear part in closed form for each, and keeps the better one.
+# nearest the null, solves the linear part in closed form for each, and keeps the better one;
+# it then also tries the null one point earlier and one point later, so that noise next to
+# the null cannot leave a voxel in a local minimum.
 # Here is a vial whose null falls between two TIs; the curves are the magnitudes of the two
 # fits, drawn against the measured magnitudes.
 

@@ -12,6 +12,7 @@ Each module holds one concern; the notebooks call them in the order of a fit::
 """
 
 from . import (
+    bids,
     data,
     dicom,
     epg,
@@ -35,6 +36,7 @@ from . import (
 )
 
 __all__ = [
+    "bids",
     "data",
     "dicom",
     "epg",

@@ -12,8 +12,8 @@ with ``"DatasetType": "derivative"`` and ``GeneratedBy``.
 where each link points: a path relative to the derivative folder when the source files lie
 under the BIDS root, else a ``file://`` URI of the folder that holds them.
 
-Writing the images is :func:`qmri_helpers.export.to_bids`; this module only names things and
-writes JSON.
+Writing the images is :func:`qmri_helpers.export.to_bids`; this module names things and
+writes the JSON files and the derivative's README.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ __all__ = [
     "acquisition_metadata",
     "derivative_root",
     "map_path",
+    "read_description",
     "sidecar",
     "source_uris",
     "write_dataset_description",
@@ -203,6 +204,20 @@ def sidecar(
     return content
 
 
+def read_description(derivative: Path) -> dict:
+    """The derivative's ``dataset_description.json`` ({} if there is none yet)."""
+    path = Path(derivative) / "dataset_description.json"
+    if not path.exists():
+        return {}
+    try:
+        description = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): fix or move it") from err
+    if not isinstance(description, dict):
+        raise ValueError(f"{path} is not a JSON object: fix or move it")
+    return description
+
+
 def write_dataset_description(
     derivative: Path,
     version: str,
@@ -216,9 +231,8 @@ def write_dataset_description(
     gets the new ones; one written by another pipeline is refused.
     """
     path = derivative / "dataset_description.json"
-    description = {}
-    if path.exists():
-        description = json.loads(path.read_text())
+    description = read_description(derivative)
+    if description:
         names = [g.get("Name") for g in description.get("GeneratedBy", [])]
         if PIPELINE not in names:
             raise FileExistsError(

@@ -34,7 +34,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from . import bids
-from .dicom import SeriesHeader
+from .dicom import SeriesHeader, _Image
 from .nifti import NiftiHeader
 
 __all__ = [
@@ -90,30 +90,56 @@ class ExportWarning(UserWarning):
     """An export that changed values to store them (clipped outliers), with the count."""
 
 
+class _Plane:
+    """Where one slice of the first contrast lies (position, orientation, spacing).
+
+    From the file's attributes or, for a frame of a multi-frame file, from its functional
+    groups (the frame's, then the shared ones).
+    """
+
+    def __init__(self, header: SeriesHeader, index: int, cache: dict[Path, pydicom.Dataset]):
+        path = header.files[0][index]
+        frame = header.frames[0][index] if header.frames else None
+        if path not in cache:
+            cache[path] = pydicom.dcmread(path, stop_before_pixels=True)
+        self.ds = cache[path]
+        self.frame = frame
+        image = _Image(path, self.ds, None if frame is None else frame - 1)
+        self.position = np.asarray(image.get("ImagePositionPatient") or [0, 0, 0], float)
+        orientation = image.get("ImageOrientationPatient") or [1, 0, 0, 0, 1, 0]
+        self.orientation = np.asarray(orientation, float)
+        self.spacing = tuple(float(v) for v in (image.get("PixelSpacing") or [1.0, 1.0]))
+        thickness = image.get("SliceThickness")
+        self.thickness = float(thickness) if thickness not in (None, "") else None
+
+
+def _planes(header: SeriesHeader) -> list[_Plane]:
+    cache: dict[Path, pydicom.Dataset] = {}
+    return [_Plane(header, k, cache) for k in range(len(header.files[0]))]
+
+
 def dicom_affine(header: SeriesHeader) -> np.ndarray:
     """The NIfTI (RAS, mm) affine of the series' voxels, indexed ``(column, row, slice)``.
 
     Built from ImagePositionPatient, ImageOrientationPatient and PixelSpacing of the first
-    contrast's files; the slice direction is the step between the first and last slice, or
-    the normal times SliceThickness for a single slice.
+    contrast's slices (for a multi-frame file, from each frame's functional groups); the
+    slice direction is the step between the first and last slice, or the normal times
+    SliceThickness for a single slice.
     """
-    first = pydicom.dcmread(header.files[0][0], stop_before_pixels=True)
-    orientation = np.asarray(first.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), float)
-    row_cosine, column_cosine = orientation[:3], orientation[3:]
-    row_spacing, column_spacing = (float(v) for v in first.get("PixelSpacing", [1.0, 1.0]))
-    origin = np.asarray(first.get("ImagePositionPatient", [0, 0, 0]), float)
+    planes = _planes(header)
+    first, last = planes[0], planes[-1]
+    row_cosine, column_cosine = first.orientation[:3], first.orientation[3:]
+    row_spacing, column_spacing = first.spacing
     normal = np.cross(row_cosine, column_cosine)
-    n_slices = len(header.files[0])
-    if n_slices > 1:
-        last = pydicom.dcmread(header.files[0][-1], stop_before_pixels=True)
-        step = (np.asarray(last.ImagePositionPatient, float) - origin) / (n_slices - 1)
+    if len(planes) > 1:
+        step = (last.position - first.position) / (len(planes) - 1)
     else:
-        step = normal * float(first.get("SliceThickness", 1.0) or 1.0)
+        step = normal * (first.thickness or 1.0)
     affine = np.eye(4)
     affine[:3, 0] = row_cosine * column_spacing  # along a row: the column index
     affine[:3, 1] = column_cosine * row_spacing  # down a column: the row index
     affine[:3, 2] = step
-    affine[:3, 3] = origin
+    affine[:3, 3] = first.position
     return _LPS_TO_RAS @ affine
 
 
@@ -218,7 +244,7 @@ def _robust_top(array: np.ndarray, vmax: float | None) -> float:
     positive = array[array > 0]
     if positive.size == 0:
         return 1.0
-    fence = 2.0 * float(np.percentile(positive, 99))
+    fence = 2.0 * float(np.percentile(positive, 99, method="lower"))  # a value of the map
     return float(positive[positive <= fence].max())
 
 
@@ -314,12 +340,17 @@ def to_dicom(
     """
     folder = Path(folder)
     _dicom_only(header, "to_dicom")
+    if any(header.frames[0] if header.frames else []):
+        raise ValueError(
+            f"{header.files[0][0]} is a multi-frame (enhanced) file: to_dicom copies one "
+            "single-frame file per slice; write to_parametric_map or to_nifti instead"
+        )
     _check_name(name, folder)
     array = _numpy_map(values, header).astype(np.float64) * scale
     if (array < 0).any():
         raise ValueError(f"the {name} map has negative values: DICOM export stores uint16")
     top = _robust_top(array, None if vmax is None else vmax * scale)
-    slope_text = f"{top / _UINT16_TOP:.10g}"
+    slope_text = f"{top / _UINT16_TOP * (1 + 1e-9):.10g}"  # rounded up: 65535 steps reach top
     slope = float(slope_text)
     clipped = array > top
     n_clipped = int(clipped.sum())
@@ -454,11 +485,28 @@ def to_parametric_map(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
     array = (_numpy_map(values, header).astype(np.float64) * scale).astype(np.float32)
-    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in header.files[0]]
+    planes = _planes(header)
+    sources = list({id(plane.ds): plane.ds for plane in planes}.values())
     for ds in sources:
         for keyword in _PATIENT_STUDY:
             if keyword not in ds:
                 setattr(ds, keyword, "")
+    between = (
+        float(np.linalg.norm(planes[-1].position - planes[0].position)) / (len(planes) - 1)
+        if len(planes) > 1
+        else None
+    )
+    geometry = {  # explicit, so that a multi-frame source (contrasts x slices) works too
+        "plane_positions": [
+            hd.PlanePositionSequence("PATIENT", plane.position.tolist()) for plane in planes
+        ],
+        "plane_orientation": hd.PlaneOrientationSequence("PATIENT", planes[0].orientation.tolist()),
+        "pixel_measures": hd.PixelMeasuresSequence(
+            pixel_spacing=list(planes[0].spacing),
+            slice_thickness=planes[0].thickness or between or 1.0,
+            spacing_between_slices=between,
+        ),
+    }
     mapping = hd.pm.RealWorldValueMapping(
         lut_label=name[:16],
         lut_explanation=f"{name} ({unit})",
@@ -490,6 +538,7 @@ def to_parametric_map(
             contains_recognizable_visual_features=recognizable,
             real_world_value_mappings=[mapping],
             voi_lut_transformations=[window],
+            **geometry,
             content_label=f"{name.upper()[:12]}MAP",
             content_description=f"{name} map ({unit}), {_MARK}",
             series_description=f"{name} map ({unit}), {_MARK} parametric map",
@@ -527,7 +576,9 @@ def to_bids(
     ``Units``, ``EstimationAlgorithm``, ``EstimationReference``, ``Sources`` as BIDS URIs, the
     constant acquisition parameters and, as arrays in s, those that vary). The derivative
     folder gets ``dataset_description.json`` (``"DatasetType": "derivative"``, ``GeneratedBy``,
-    ``DatasetLinks`` for the sources) and a README. The result passes the BIDS validator.
+    ``DatasetLinks`` for the sources) and a README. The result passes the BIDS validator
+    (``bids-validator-deno``), with :data:`qmri_helpers.bids.VALIDATOR_CONFIG` for the one
+    conflict inside the specification (``InversionTime`` as an array).
 
     Parameters
     ----------
@@ -584,13 +635,11 @@ def to_bids(
         raise FileExistsError(f"{existing[0]} exists: pass overwrite=True to replace the maps")
     derivative = bids.derivative_root(root)
     version = _package_version()
-    links: dict[str, str] = {}
-    description = derivative / "dataset_description.json"
-    if description.exists():
-        links = dict(json.loads(description.read_text()).get("DatasetLinks", {}))
+    links = dict(bids.read_description(derivative).get("DatasetLinks", {}))
     files = (
         header.files if isinstance(header, NiftiHeader) else [f for c in header.files for f in c]
     )
+    files = list(dict.fromkeys(files))  # one multi-frame file holds every slice and contrast
     sources = bids.source_uris(files, derivative, links)
     bids.write_dataset_description(derivative, version, links, source_datasets, _code_url())
     reference = reference or f"{bids.PIPELINE} {version} (qmri_helpers), {_code_url() or ''}"

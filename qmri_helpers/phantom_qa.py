@@ -171,6 +171,8 @@ def choose_plate(
         When no plate's table fits (both more than about 22% off), or when the named plate
         fits clearly worse than the other one: the message gives both mismatches.
     """
+    if plate is not None and plate not in references:
+        raise ValueError(f"{where}: plate must be None, 4 or 5, got {plate!r}")
     measured = np.asarray(medians, float)
     spheres = tuple(
         i + 1 for i in range(14) if all(usable(r[i]) for r in references.values())
@@ -224,7 +226,8 @@ class QAResult:
         Per-voxel maps of the slice (T1 in s) with goodness of fit and Cramér-Rao SD; only
         voxels with signal (:func:`~qmri_helpers.fitting.signal_mask`) are fitted.
     table
-        Per-sphere results (see :func:`~qmri_helpers.qa_report.sphere_table`).
+        Per-sphere results (see :func:`~qmri_helpers.qa_report.sphere_table`); its ``attrs``
+        also hold the plate choice, the orientation and the labelling's confidence.
     plate
         The plate that was used, 4 or 5.
     reference
@@ -325,6 +328,8 @@ def run_t1_qa(
         spheres orders as the plate does (:class:`~qmri_helpers.spheres.OrientationError`),
         fits neither plate, or contradicts the plate named. Every message names the folder.
     """
+    if plate not in (None, *PLATES):
+        raise ValueError(f"{folder}: plate must be None, 4 or 5, got {plate!r}")
     images, header = dicom.load_series(folder)
     where = Path(folder)
     check_series(header)
@@ -360,6 +365,10 @@ def run_t1_qa(
     table = sphere_table(
         t1_map, sd_map, spheres, header, tolerance=tolerance, reference_ms=reference_ms,
         reference_name=reference_name, max_relative_sd=max_relative_sd, nominal=reference,
+    )  # fmt: skip
+    table.attrs.update(
+        plate_choice=choice.summary, orientation=spheres.orientation,
+        rank_correlation=spheres.rank_correlation, margin=spheres.margin,
     )  # fmt: skip
     return QAResult(
         slice_images, header, spheres, model, fit, table, choice.plate, reference, choice

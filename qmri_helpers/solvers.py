@@ -30,10 +30,7 @@ in chunks sized for that device, and return a :class:`~qmri_helpers.fitting.FitR
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-from collections.abc import Iterator
 
 import torch
 from tqdm.auto import trange
@@ -44,6 +41,7 @@ from .fitting import (
     _flushing_denormals,
     _goodness,
     _result,
+    thread_policy,
 )
 from .models import SeparableModel
 from .validation import (
@@ -55,11 +53,12 @@ from .validation import (
     voxel_status,
 )
 
-__all__ = ["CHUNK_BYTES", "chunk_voxels", "fit_lm", "fit_varpro", "thread_policy"]
+__all__ = ["CHUNK_BYTES", "chunk_voxels", "fit_lm", "fit_varpro"]
 
-#: Working memory of one chunk of voxels, per device type (bytes). On a CPU small chunks stay
-#: in cache and spare page faults; a GPU is launch-bound, so it takes as much as fits.
-CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 2 * 2**30}
+#: Working memory of one chunk of voxels, per device type (bytes): on a CPU about 70k voxels
+#: (a 256x256 slice in one chunk, the per-operation overhead paid once); a GPU is
+#: launch-bound, so it takes as much as fits.
+CHUNK_BYTES = {"cpu": 256 * 2**20, "cuda": 8 * 2**30}
 #: Default number of grid values over the bounds of tau (log-spaced), for refined fits.
 GRID_POINTS = 80
 #: Largest step of ln(tau) in one iteration: about two grid spacings.
@@ -77,37 +76,6 @@ def chunk_voxels(device: torch.device, bytes_per_voxel: int) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(budget, free // 4)
     return max(1024, int(budget // max(1, bytes_per_voxel)))
-
-
-def _machine_busy() -> bool:
-    """True when other processes keep the CPU cores busy (1-minute load >= cores - 0.5)."""
-    try:
-        return os.getloadavg()[0] >= (os.cpu_count() or 1) - 0.5
-    except OSError:  # not available on this platform
-        return False
-
-
-@contextlib.contextmanager
-def thread_policy(device: torch.device, elements: int) -> Iterator[int]:
-    """Threads for a block of small element-wise operations on the CPU.
-
-    Torch splits an element-wise operation over all its threads from about 32k elements on.
-    When another process keeps the cores busy, every split waits for a descheduled thread,
-    and a loop of small operations runs 10-20 times slower than on one thread. Inside this
-    block torch uses one thread when the machine is busy or the tensors are small
-    (``elements`` < 2**20), else its default; the default comes back afterwards.
-    """
-    before = torch.get_num_threads()
-    wanted = before
-    if device.type == "cpu" and (elements < 2**20 or _machine_busy()):
-        wanted = 1
-    if wanted != before:
-        torch.set_num_threads(wanted)
-    try:
-        yield wanted
-    finally:
-        if wanted != before:
-            torch.set_num_threads(before)
 
 
 # --- sign patterns of magnitude data ---------------------------------------------------------
@@ -165,11 +133,18 @@ def _profile(
     tau = u.exp()
     phi, dphi = model.basis_fn(tau)  # (n, p, A)
     p = phi.shape[1]
-    x = torch.cat([phi, dphi], 1)  # (n, 2p, A)
-    dots = (x[:, :, None] * x[:, None, :]).sum(0)  # (2p, 2p, A)
-    with_y = (x * ys[:, None]).sum(0)  # (2p, A)
-    gram, cross, dd = dots[:p, :p], dots[:p, p:], dots[p:, p:]
-    b, dy = with_y[:p], with_y[p:]
+    # the dot products over the n time points, one product and one sum each: no copies
+    gram = torch.stack(
+        [torch.stack([(phi[:, i] * phi[:, j]).sum(0) for j in range(p)]) for i in range(p)]
+    )  # (p, p, A)
+    cross = torch.stack(
+        [torch.stack([(phi[:, i] * dphi[:, j]).sum(0) for j in range(p)]) for i in range(p)]
+    )
+    dd = torch.stack(
+        [torch.stack([(dphi[:, i] * dphi[:, j]).sum(0) for j in range(p)]) for i in range(p)]
+    )
+    b = torch.stack([(phi[:, i] * ys).sum(0) for i in range(p)])  # (p, A)
+    dy = torch.stack([(dphi[:, i] * ys).sum(0) for i in range(p)])
     yy = (ys * ys).sum(0)
     c = _inverse_times(gram, b)
     cost = (yy - (c * b).sum(0)).clamp_min(0)
@@ -273,7 +248,7 @@ def _refine(
         return ((u <= lo) & (g > 0)) | ((u >= hi) & (g < 0))
 
     # the working set holds only the columns still iterating; the others are written back once
-    going = ~pinned(u, ga)
+    going = ~(pinned(u, ga) | (ga.abs() <= tol * ha))  # on a bound, or already converged
     ua, ya, lam = u.clone(), ys, torch.full_like(u, 1e-3)
     radius = torch.full_like(u, MAX_LOG_STEP)  # doubles while full steps keep being accepted
     if not bool(going.all()):
@@ -308,10 +283,13 @@ def _refine(
         radius = torch.where(full, radius * 2, torch.where(accept, radius, radius * 0.5))
         iterations[index] += 1
         flat = ga * ga <= 1e-10 * fa * ha
-        done = (accept & ((moved <= tol) | flat)) | pinned(ua, ga) | (lam > 1e6)
+        # converged: the step taken, or the Newton step still to take, is below tol
+        converged = (moved <= tol) | (ga.abs() <= tol * ha) | flat
+        done = (accept & converged) | pinned(ua, ga) | (lam > 1e6)
         if history is not None:
             history.append(float(finished + (fa * main).sum()))
-        if bool(done.any()):
+        # drop the finished columns once they are worth a copy of the working set (an eighth)
+        if int(done.sum()) * 8 >= index.numel():
             finished_index = index[done]
             u[finished_index], cost[finished_index] = ua[done], fa[done]
             c[:, finished_index] = ca[:, done]
@@ -370,21 +348,19 @@ def _fit_chunk(
     n_c = len(candidates)
     js = torch.cat([j for j, _ in candidates])
     us = torch.cat([u for _, u in candidates])
-    ys = y.repeat(1, n_c)
-    if model.magnitude:
-        ys = _pattern_signs(rank, js, n, y.dtype) * ys
     if model.magnitude and patterns is None and n_c > 1:
         keep = torch.cat([torch.ones_like(j, dtype=torch.bool), low < j, high > j])
         cols = torch.nonzero(keep)[:, 0]
     else:
-        cols = torch.arange(ys.shape[1], device=y.device)
-    with thread_policy(y.device, cols.numel() * n):
-        u, cost, c, _ = _refine(
-            model, ys[:, cols], us[cols], model.bounds, max_iter, tol, history, n_voxels
-        )
-    all_cost = torch.full((ys.shape[1],), torch.inf, dtype=y.dtype, device=y.device)
+        cols = torch.arange(n_c * n_voxels, device=y.device)
+    ys = y[:, cols % n_voxels]  # one column per (voxel, pattern) refined
+    if model.magnitude:
+        ys = ys * _pattern_signs(rank, js[cols], n, y.dtype)
+    with thread_policy(y.device, cols.numel() * n, small=2**20):
+        u, cost, c, _ = _refine(model, ys, us[cols], model.bounds, max_iter, tol, history, n_voxels)
+    all_cost = torch.full((n_c * n_voxels,), torch.inf, dtype=y.dtype, device=y.device)
     all_u = torch.zeros_like(all_cost)
-    all_c = torch.zeros((p, ys.shape[1]), dtype=y.dtype, device=y.device)
+    all_c = torch.zeros((p, n_c * n_voxels), dtype=y.dtype, device=y.device)
     all_cost[cols], all_u[cols], all_c[:, cols] = cost, u, c
     pick = all_cost.reshape(n_c, n_voxels).argmin(0)
     col = pick * n_voxels + torch.arange(n_voxels, device=y.device)
@@ -436,7 +412,7 @@ def fit_varpro(
     grid: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     lm_iterations: int = 0,
-    tol: float = 1e-7,
+    tol: float = 1e-6,
     noise_sigma: float | None = None,
     dtype: torch.dtype = torch.float64,
     progress: bool = False,

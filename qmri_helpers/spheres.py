@@ -94,8 +94,8 @@ class Spheres:
     @property
     def orientation(self) -> str:
         """The orientation in words, e.g. ``"rotated 90 deg, mirrored"``."""
-        angle = (self.rotation_deg + 180) % 360 - 180
-        return f"rotated {angle:+.0f} deg, {'mirrored' if self.mirrored else 'not mirrored'}"
+        angle = round((self.rotation_deg + 180) % 360 - 180)  # an int: never "-0"
+        return f"rotated {angle:+d} deg, {'mirrored' if self.mirrored else 'not mirrored'}"
 
 
 class OrientationError(ValueError):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -157,6 +158,10 @@ def test_bad_requests_are_refused(ir_root, tmp_path):
     )
     with pytest.raises(FileExistsError, match="not written by qmri-tutorials"):
         export.to_bids({"t1": t1}, header, tmp_path, "01", algorithm=ALGORITHM)
+    (foreign / "dataset_description.json").write_text("{")
+    with pytest.raises(ValueError, match="dataset_description.json is not valid JSON"):
+        export.to_bids({"t1": t1}, header, tmp_path, "01", algorithm=ALGORITHM)
+    assert [p.name for p in foreign.iterdir()] == ["dataset_description.json"]
 
 
 def test_hazen_philips_t1_derivative_validates(hazen, tmp_path):
@@ -199,3 +204,26 @@ def test_kidney_nifti_r2star_derivative_validates_and_matches_the_scanner(kidney
     derivative = root / "derivatives" / "qmri-tutorials"
     assert _source_files(derivative, sidecar) == [p.resolve() for p in header.files]
     assert _validate(derivative, None, tmp_path) == []  # no TI here: the plain validator passes
+
+
+def test_a_multi_frame_source_is_named_once(ir_root, tmp_path):
+    from highdicom.legacy import LegacyConvertedEnhancedMRImage
+
+    root, header, result, _ = ir_root
+    files = [p for contrast in header.files for p in contrast]
+    converted = LegacyConvertedEnhancedMRImage(
+        [pydicom.dcmread(p) for p in files], series_instance_uid=hd.UID(), series_number=99,
+        sop_instance_uid=hd.UID(), instance_number=1,
+    )  # fmt: skip
+    converted.save_as(tmp_path / "enhanced.dcm")
+    _, mf_header = dicom.load_series([tmp_path / "enhanced.dcm"])
+    bids_root = tmp_path / "bids"
+    written = export.to_bids({"t1": result.params["t1"]}, mf_header, bids_root, "mf",
+                             algorithm=ALGORITHM)  # fmt: skip
+    sidecar = json.loads(written["T1map"].with_name("sub-mf_T1map.json").read_text())
+    derivative = bids_root / "derivatives" / "qmri-tutorials"
+    assert _source_files(derivative, sidecar) == [(tmp_path / "enhanced.dcm").resolve()]
+    assert sidecar["InversionTime"] == pytest.approx(list(phantom.DEFAULT_TI), abs=1e-6)
+    image = nib.load(written["T1map"])
+    np.testing.assert_allclose(image.affine, export.dicom_affine(header), atol=1e-5)
+    _check_validates(derivative, tmp_path)

@@ -295,3 +295,54 @@ def test_parametric_map_refusals(multislice, tmp_path):
     with pytest.raises(ValueError, match="NaN"):
         export.to_parametric_map(t1 * float("nan"), header, tmp_path / "x.dcm")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def multi_frame(multislice, tmp_path_factory):
+    """The oblique 3-slice series as one enhanced multi-frame MR file (highdicom's legacy
+    converter), loaded: its header, and the single-frame header it must agree with."""
+    from highdicom.legacy import LegacyConvertedEnhancedMRImage
+
+    header, _ = multislice
+    files = [p for contrast in header.files for p in contrast]
+    converted = LegacyConvertedEnhancedMRImage(
+        [pydicom.dcmread(p) for p in files],
+        series_instance_uid=hd.UID(),
+        series_number=99,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+    )
+    path = tmp_path_factory.mktemp("multi_frame") / "enhanced.dcm"
+    converted.save_as(path)
+    _, mf_header = dicom.load_series([path])
+    assert mf_header.frames[0][0] is not None and len(mf_header.files[0]) == 3
+    return mf_header
+
+
+def test_multi_frame_geometry_comes_from_the_functional_groups(multislice, multi_frame, tmp_path):
+    header, t1 = multislice
+    np.testing.assert_allclose(export.dicom_affine(multi_frame), export.dicom_affine(header),
+                               atol=1e-5)  # fmt: skip
+    image = nib.load(export.to_nifti(t1, multi_frame, tmp_path / "t1.nii.gz"))
+    for k, path in enumerate(header.files[0]):  # against the single-frame files' positions
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        np.testing.assert_allclose((image.affine @ [7, 11, k, 1])[:3], _ras(ds, 11, 7), atol=1e-4)
+    pm = export.to_parametric_map(t1, multi_frame, tmp_path / "pm.dcm")
+    _check_parametric_map(pm, header, t1)  # the geometry of the single-frame series
+    source = pydicom.dcmread(multi_frame.files[0][0], stop_before_pixels=True)
+    referenced = pydicom.dcmread(pm, stop_before_pixels=True).ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == source.SeriesInstanceUID
+    with pytest.raises(ValueError, match="multi-frame.*to_parametric_map"):
+        export.to_dicom(t1, multi_frame, tmp_path / "dcm")
+
+
+def test_the_robust_top_holds_for_a_map_of_few_voxels(multislice, tmp_path):
+    header, t1 = multislice
+    sparse = torch.zeros_like(t1)
+    sparse[0, 5, 5:25] = torch.linspace(0.1, 2.0, 20)  # 20 fitted voxels, s
+    sparse[2, 40, 30] = 1e6
+    with pytest.warns(export.ExportWarning, match=r"1 voxel .*clipped"):
+        back = _read_back(export.to_dicom(sparse, header, tmp_path / "dcm"))
+    kept = sparse[0, 5, 5:25].double().numpy() * 1000
+    np.testing.assert_allclose(back[0, 5, 5:25], kept, rtol=1e-3)
+    assert (back[sparse.numpy() == 0] == 0).all()

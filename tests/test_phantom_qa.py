@@ -45,6 +45,8 @@ def test_embedded_plate5_t1_matches_the_truth_and_flags_short_spheres(plate5):
     assert table.note[11].startswith("T1 below the shortest TI")
     assert "nominal 1.5 T (ms)" in table.columns
     assert qa.plate == 5 and qa.plate_choice.detected
+    assert table.attrs["orientation"] == "rotated +0 deg, not mirrored"
+    assert table.attrs["margin"] > 0.15 and table.attrs["rank_correlation"] < -0.95
     assert set(table.reference) == {"plate 5, version 1 (assumed), 20 °C (assumed), 1.5 T"}
 
 
@@ -265,3 +267,25 @@ def test_serial_and_temperature_choose_the_nominal_values(plate5):
     assert qa.table["nominal 1.5 T (ms)"][1] / 1489 - 1 == pytest.approx(-0.0679, abs=0.002)
     with pytest.raises(ValueError, match=rf"{folder}: no reference values at 30 °C"):
         phantom_qa.run_t1_qa(folder, temperature_c=30)
+
+
+def test_choose_plate_from_values_alone():
+    refs = {p: reference.reference_t1(p, 1.5) for p in (4, 5)}
+    usable = lambda t1: 0.05 <= t1 <= 2.4  # noqa: E731
+    plate5 = np.asarray(refs[5]) * 1.02
+    choice = phantom_qa.choose_plate(plate5, refs, usable)
+    assert choice.plate == 5 and choice.detected
+    assert choice.mismatch[5] == pytest.approx(np.log(1.02))
+    assert choice.spheres == tuple(range(1, 12))  # 12-14 are below 50 ms on plate 5
+    assert phantom_qa.choose_plate(np.asarray(refs[4]), refs, usable).plate == 4
+    # 40% short on every sphere fits neither table: refused, not scored
+    with pytest.raises(ValueError, match=r"scan/x: the fitted T1 fit neither plate's table"):
+        phantom_qa.choose_plate(plate5 * 0.6, refs, usable, where="scan/x")
+    # halfway between the tables: not detected, but nothing contradicts a plate named
+    halfway = np.sqrt(np.asarray(refs[4]) * np.asarray(refs[5]))
+    with pytest.raises(ValueError, match="fit neither plate's table"):
+        phantom_qa.choose_plate(halfway, refs, usable)
+    named = phantom_qa.choose_plate(halfway, refs, usable, plate=5)
+    assert named.plate == 5 and not named.detected and "as given" in named.summary
+    with pytest.raises(ValueError, match="plate must be None, 4 or 5"):
+        phantom_qa.choose_plate(plate5, refs, usable, plate=3)
