@@ -42,9 +42,10 @@ def _adam(model, data, **kwargs):
     return fitting.fit_adam(model, data, start, n_iter=300, progress=False, **kwargs)
 
 
-def _assert_counts_add_up(result: fitting.FitResult) -> None:
-    assert sum(result.failures.values()) == result.n_failed
-    assert result.n_fitted == int(result.valid.sum()) + result.n_failed
+def _assert_counts_add_up(result: fitting.FitResult, n_fitted: int) -> None:
+    """Every fitted voxel is valid or failed for one counted reason; failed ones hold 0."""
+    assert result.n_fitted == n_fitted
+    assert sum(result.failures.values()) == result.n_failed == n_fitted - int(result.valid.sum())
     for maps in (result.params, result.sd, {"r2": result.r_squared}):
         for value in maps.values():
             assert torch.isfinite(value).all()
@@ -188,7 +189,7 @@ def test_voxels_without_signal_fail_and_are_counted(fit):
     assert result.failures == {"no signal": 2}
     assert "2 without signal (all zero)" in result.summary()
     torch.testing.assert_close(result.params["t1"][:3].double(), T1[1:4], rtol=1e-2, atol=0)
-    _assert_counts_add_up(result)
+    _assert_counts_add_up(result, 5)
 
 
 @pytest.mark.parametrize("fit", [*LM_FITS.values(), _adam], ids=[*LM_FITS, "fit_adam"])
@@ -199,7 +200,7 @@ def test_all_zero_data_is_all_failed(fit):
     assert not result.valid.any()
     assert result.failures == {"no signal": 16}
     assert result.summary() == "16 voxels fitted: 0 valid, 16 failed (16 without signal (all zero))"
-    _assert_counts_add_up(result)
+    _assert_counts_add_up(result, 16)
 
 
 def test_dictionary_match_gives_no_value_without_signal():
@@ -254,7 +255,7 @@ def test_the_rest_fits_around_nan_and_inf_voxels(fit):
         whole = fit(model, data)
     assert whole.failures == {"not finite": 2, "no signal": 48}
     assert "2 with NaN or inf in the data" in whole.summary()
-    _assert_counts_add_up(whole)
+    _assert_counts_add_up(whole, 64)
 
 
 def test_dictionary_match_gives_no_value_for_nan_voxels():
@@ -345,7 +346,7 @@ def test_voxels_on_a_bound_fail_and_are_counted(fit):
     assert result.summary() == (
         "4 voxels fitted: 2 valid, 2 failed (2 with the time constant on a bound of the fit)"
     )
-    _assert_counts_add_up(result)
+    _assert_counts_add_up(result, 4)
 
 
 def test_failure_reasons_are_counted_once_each():
@@ -413,7 +414,7 @@ def test_fit_epg_counts_its_failures_by_reason():
     assert fit.failures == {"not finite": 1, "no signal": 1}
     assert all(math.isfinite(loss) for loss in fit.loss_history)  # NaN stays out
     torch.testing.assert_close(fit.params["t2"][[0, 3]], torch.full((2,), 0.1), rtol=6e-3, atol=0)
-    _assert_counts_add_up(fit)
+    _assert_counts_add_up(fit, 4)
     beyond = 1000.0 * torch.exp(-te / 10.0)[:, None]  # T2 = 10 s, beyond the dictionary's 3 s
     alone = fitting.fit_epg(beyond, te)
     assert not alone.valid.any() and alone.failures == {"at a bound": 1}
