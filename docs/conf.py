@@ -145,7 +145,11 @@ def _render_image_with_alt(self, data):
     """myst-nb's image renderer, with the ``alt`` of the output's metadata (else a generic one)."""
     nodes = _render_image(self, data)
     alt = data.output_metadata.get(data.mime_type, {}).get("alt")
-    nodes[0]["alt"] = alt or "Figure: the output of the code cell above (static view)."
+    # Figures carry theirs (site_setup.py); what else shows a PNG is a widget's static view.
+    nodes[0]["alt"] = alt or (
+        "Figure: a static view of the interactive widget that the code cell above makes; "
+        "it is live in JupyterLab."
+    )
     return nodes
 
 
