@@ -44,7 +44,9 @@ root_doc = "index"
 exclude_patterns = ["notebooks/*.csv", "**/.ipynb_checkpoints"]
 myst_enable_extensions = ["dollarmath", "amsmath"]
 myst_heading_anchors = 3
-suppress_warnings = ["mystnb.unknown_mime_type"]
+# -W makes every warning an error (a broken link, a failed cell); these two are cosmetic: a
+# notebook's "### Exercise" under its "##" section, and outputs a page cannot show.
+suppress_warnings = ["mystnb.unknown_mime_type", "myst.header"]
 
 # --- execution: jupyter-cache, errors stop the build --------------------------------------
 nb_execution_mode = "cache"
