@@ -45,7 +45,7 @@ exclude_patterns = ["notebooks/*.csv", "**/.ipynb_checkpoints"]
 myst_enable_extensions = ["dollarmath", "amsmath"]
 myst_heading_anchors = 3
 # -W makes every warning an error (a broken link, a failed cell); these two are cosmetic: a
-# notebook's "### Exercise" under its "##" section, and outputs a page cannot show.
+# heading that skips a level, and an output type that a static page cannot show.
 suppress_warnings = ["mystnb.unknown_mime_type", "myst.header"]
 
 # --- execution: jupyter-cache, errors stop the build --------------------------------------
