@@ -201,6 +201,10 @@ def run_child(args: list[str], env: dict | None = None, busy: bool = False) -> d
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def _times(ratio: float) -> str:
+    return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.2g}x"
+
+
 def table(rows: list[tuple[str, str, dict]]) -> str:
     head = (
         "| size | solver | device | s | speed-up | vs exact reference: median / p95 / max "
@@ -218,7 +222,7 @@ def table(rows: list[tuple[str, str, dict]]) -> str:
         if "vs_cpu" in r:
             errors += f"; max vs CPU {r['vs_cpu']:.1e}"
         base = seed.get((size, r["device"]))
-        speedup = f"{base / r['seconds']:.0f}x" if base and solver != SEED else ""
+        speedup = _times(base / r["seconds"]) if base and solver != SEED else ""
         memory = f"{r['peak_mb']:.0f} ({r['extra_mb']:.0f})"
         if "gpu_peak_mb" in r:
             memory += f", GPU {r['gpu_peak_mb']:.0f}"
@@ -288,8 +292,9 @@ def main() -> None:
                     print(f"done: GPU {size} {label}", file=sys.stderr, flush=True)
     after = load()
     by = {(size, label, r["device"]): r for size, label, r in rows}
+    seconds = {key: r["seconds"] for key, r in by.items()}
     speed = [
-        f"{size} {dev}: {by[(size, SEED, dev)]['seconds'] / by[(size, BEST, dev)]['seconds']:.0f}x"
+        f"{size} {dev}: {_times(seconds[(size, SEED, dev)] / seconds[(size, BEST, dev)])}"
         for size, label, dev in by
         if label == BEST and (size, SEED, dev) in by
     ]

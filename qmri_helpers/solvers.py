@@ -48,9 +48,10 @@ from .models import SeparableModel
 
 __all__ = ["CHUNK_BYTES", "chunk_voxels", "fit_lm", "fit_varpro"]
 
-#: Working memory of one chunk of voxels, per device type (bytes). On a CPU small chunks stay
-#: in cache and spare page faults; a GPU is launch-bound, so it takes as much as fits.
-CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 2 * 2**30}
+#: Working memory of one chunk of voxels, per device type (bytes): on a CPU about 70k voxels
+#: (a 256x256 slice in one chunk, the per-operation overhead paid once); a GPU is
+#: launch-bound, so it takes as much as fits.
+CHUNK_BYTES = {"cpu": 256 * 2**20, "cuda": 8 * 2**30}
 #: Default number of grid values over the bounds of tau (log-spaced), for refined fits.
 GRID_POINTS = 80
 #: Largest step of ln(tau) in one iteration: about two grid spacings.
@@ -125,11 +126,18 @@ def _profile(
     tau = u.exp()
     phi, dphi = model.basis_fn(tau)  # (n, p, A)
     p = phi.shape[1]
-    x = torch.cat([phi, dphi], 1)  # (n, 2p, A)
-    dots = (x[:, :, None] * x[:, None, :]).sum(0)  # (2p, 2p, A)
-    with_y = (x * ys[:, None]).sum(0)  # (2p, A)
-    gram, cross, dd = dots[:p, :p], dots[:p, p:], dots[p:, p:]
-    b, dy = with_y[:p], with_y[p:]
+    # the dot products over the n time points, one product and one sum each: no copies
+    gram = torch.stack(
+        [torch.stack([(phi[:, i] * phi[:, j]).sum(0) for j in range(p)]) for i in range(p)]
+    )  # (p, p, A)
+    cross = torch.stack(
+        [torch.stack([(phi[:, i] * dphi[:, j]).sum(0) for j in range(p)]) for i in range(p)]
+    )
+    dd = torch.stack(
+        [torch.stack([(dphi[:, i] * dphi[:, j]).sum(0) for j in range(p)]) for i in range(p)]
+    )
+    b = torch.stack([(phi[:, i] * ys).sum(0) for i in range(p)])  # (p, A)
+    dy = torch.stack([(dphi[:, i] * ys).sum(0) for i in range(p)])
     yy = (ys * ys).sum(0)
     c = _inverse_times(gram, b)
     cost = (yy - (c * b).sum(0)).clamp_min(0)
@@ -233,7 +241,7 @@ def _refine(
         return ((u <= lo) & (g > 0)) | ((u >= hi) & (g < 0))
 
     # the working set holds only the columns still iterating; the others are written back once
-    going = ~pinned(u, ga)
+    going = ~(pinned(u, ga) | (ga.abs() <= tol * ha))  # on a bound, or already converged
     ua, ya, lam = u.clone(), ys, torch.full_like(u, 1e-3)
     radius = torch.full_like(u, MAX_LOG_STEP)  # doubles while full steps keep being accepted
     if not bool(going.all()):
@@ -268,10 +276,13 @@ def _refine(
         radius = torch.where(full, radius * 2, torch.where(accept, radius, radius * 0.5))
         iterations[index] += 1
         flat = ga * ga <= 1e-10 * fa * ha
-        done = (accept & ((moved <= tol) | flat)) | pinned(ua, ga) | (lam > 1e6)
+        # converged: the step taken, or the Newton step still to take, is below tol
+        converged = (moved <= tol) | (ga.abs() <= tol * ha) | flat
+        done = (accept & converged) | pinned(ua, ga) | (lam > 1e6)
         if history is not None:
             history.append(float(finished + (fa * main).sum()))
-        if bool(done.any()):
+        # drop the finished columns once they are worth a copy of the working set (an eighth)
+        if int(done.sum()) * 8 >= index.numel():
             finished_index = index[done]
             u[finished_index], cost[finished_index] = ua[done], fa[done]
             c[:, finished_index] = ca[:, done]
@@ -330,21 +341,19 @@ def _fit_chunk(
     n_c = len(candidates)
     js = torch.cat([j for j, _ in candidates])
     us = torch.cat([u for _, u in candidates])
-    ys = y.repeat(1, n_c)
-    if model.magnitude:
-        ys = _pattern_signs(rank, js, n, y.dtype) * ys
     if model.magnitude and patterns is None and n_c > 1:
         keep = torch.cat([torch.ones_like(j, dtype=torch.bool), low < j, high > j])
         cols = torch.nonzero(keep)[:, 0]
     else:
-        cols = torch.arange(ys.shape[1], device=y.device)
+        cols = torch.arange(n_c * n_voxels, device=y.device)
+    ys = y[:, cols % n_voxels]  # one column per (voxel, pattern) refined
+    if model.magnitude:
+        ys = ys * _pattern_signs(rank, js[cols], n, y.dtype)
     with thread_policy(y.device, cols.numel() * n, small=2**20):
-        u, cost, c, _ = _refine(
-            model, ys[:, cols], us[cols], model.bounds, max_iter, tol, history, n_voxels
-        )
-    all_cost = torch.full((ys.shape[1],), torch.inf, dtype=y.dtype, device=y.device)
+        u, cost, c, _ = _refine(model, ys, us[cols], model.bounds, max_iter, tol, history, n_voxels)
+    all_cost = torch.full((n_c * n_voxels,), torch.inf, dtype=y.dtype, device=y.device)
     all_u = torch.zeros_like(all_cost)
-    all_c = torch.zeros((p, ys.shape[1]), dtype=y.dtype, device=y.device)
+    all_c = torch.zeros((p, n_c * n_voxels), dtype=y.dtype, device=y.device)
     all_cost[cols], all_u[cols], all_c[:, cols] = cost, u, c
     pick = all_cost.reshape(n_c, n_voxels).argmin(0)
     col = pick * n_voxels + torch.arange(n_voxels, device=y.device)
@@ -401,7 +410,7 @@ def fit_varpro(
     grid: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     lm_iterations: int = 0,
-    tol: float = 1e-7,
+    tol: float = 1e-6,
     noise_sigma: float | None = None,
     dtype: torch.dtype = torch.float64,
     progress: bool = False,

@@ -171,46 +171,50 @@ def _fit_chunk(
     energy = (y**2).sum(0)
     losses = torch.zeros(3, dtype=torch.float64, device=y.device)
     # 1. Coarse match: the largest projection on a unit atom is the smallest residual.
-    projection = grid.coarse_unit.T @ y  # (coarse atoms, v)
-    best = projection.argmax(0)
-    losses[0] = (energy - projection.gather(0, best[None])[0].clamp_min(0) ** 2).sum()
+    projection = yt @ grid.coarse_unit  # (v, coarse atoms)
+    best = projection.argmax(1, keepdim=True)
+    losses[0] = (energy - projection.gather(1, best)[:, 0].clamp_min(0) ** 2).sum()
     del projection
-    i0 = grid.coarse_t2[best // grid.coarse_b1.numel()]
-    j0 = grid.coarse_b1[best % grid.coarse_b1.numel()]
-    # 2. Fine match in a window around the coarse winner (clipped to the grids).
+    i0 = grid.coarse_t2[best[:, 0] // grid.coarse_b1.numel()]
+    j0 = grid.coarse_b1[best[:, 0] % grid.coarse_b1.numel()]
+    # 2. Fine match in a window of w x w atoms around the coarse winner (clipped to the grids).
+    w = 2 * half + 1
     offsets = torch.arange(-half, half + 1, device=y.device)
     ii = (i0[:, None] + offsets).clamp(0, n_t2 - 1)  # (v, w)
     jj = (j0[:, None] + offsets).clamp(0, n_b1 - 1)
     flat = grid.index(ii[:, :, None], jj[:, None, :]).reshape(len(i0), -1)  # (v, w*w)
     projection = einops.einsum(grid.unit[flat], yt, "v k n, v n -> v k").clamp_min(0)
     cost = energy[:, None] - projection**2  # residual sum of squares of each atom
+    del projection
     k = cost.argmin(1, keepdim=True)
-    losses[1] = cost.gather(1, k).sum()
-    best = flat.gather(1, k)[:, 0]
-    i, j = best // n_b1, best % n_b1
+    fine_rss = cost.gather(1, k)[:, 0]
+    losses[1] = fine_rss.sum()
+    a, b = k[:, 0] // w, k[:, 0] % w
+    i, j = ii.gather(1, a[:, None])[:, 0], jj.gather(1, b[:, None])[:, 0]
 
     # 3. Refinement: the vertex of the quadratic through the residuals of the 3x3 neighbours
-    #    (T2 and B1 are correlated, so the valley of the cost runs diagonally).
-    inner_t = (i > 0) & (i < n_t2 - 1)
-    inner_b = (j > 0) & (j < n_b1 - 1)
-    ic, jc = i.clamp(1, n_t2 - 2), j.clamp(1, n_b1 - 2)
-    c = torch.stack(
-        [
-            energy - (grid.unit[grid.index(ic + a, jc + b)] * yt).sum(1).clamp_min(0) ** 2
-            for a in (-1, 0, 1)
-            for b in (-1, 0, 1)
-        ]
-    ).view(3, 3, -1)
+    #    in the window (T2 and B1 are correlated, so the valley of the cost runs diagonally).
+    pa, pb = a.clamp(1, w - 2), b.clamp(1, w - 2)
+    step = torch.tensor([-1, 0, 1], device=y.device)
+    patch = (pa[:, None, None] + step[:, None]) * w + (pb[:, None, None] + step[None, :])
+    c = einops.rearrange(cost.gather(1, patch.reshape(-1, 9)), "v (p q) -> p q v", p=3)
     dt, db = _quadratic_vertex(c)
-    dt = torch.where(inner_t, dt + (ic - i), torch.zeros_like(dt))
-    db = torch.where(inner_b, db + (jc - j), torch.zeros_like(db))
+    # Only where the patch holds 3 distinct consecutive grid values along the axis.
+    rows = ii.gather(1, torch.stack([pa - 1, pa, pa + 1], 1))
+    cols = jj.gather(1, torch.stack([pb - 1, pb, pb + 1], 1))
+    inner_t = (rows[:, 2] - rows[:, 0] == 2) & (i > 0) & (i < n_t2 - 1)
+    inner_b = (cols[:, 2] - cols[:, 0] == 2) & (j > 0) & (j < n_b1 - 1)
+    dt = torch.where(inner_t, dt + (rows[:, 1] - i), torch.zeros_like(dt)).clamp(-1, 1)
+    db = torch.where(inner_b, db + (cols[:, 1] - j), torch.zeros_like(db)).clamp(-1, 1)
     # 4. The signal at the refined point, bilinear between the 4 surrounding atoms; the grid
-    #    point itself where the parabola's vertex fits worse (a cost far from a parabola).
-    refined = _interpolate(grid, i, j, dt, db, yt)
-    on_grid = _interpolate(grid, i, j, torch.zeros_like(dt), torch.zeros_like(db), yt)
-    worse = refined["rss"] > on_grid["rss"]
-    best = {k: torch.where(worse.view(-1, *[1] * (v.ndim - 1)), on_grid[k], v)
-            for k, v in refined.items()}  # fmt: skip
+    #    point itself where the vertex fits worse (a cost far from a quadratic).
+    best = _interpolate(grid, i, j, dt, db, yt)
+    worse = torch.nonzero(best["rss"] > fine_rss)[:, 0]
+    if len(worse):
+        zero = torch.zeros(len(worse), dtype=dt.dtype, device=y.device)
+        on_grid = _interpolate(grid, i[worse], j[worse], zero, zero, yt[worse])
+        for key, value in on_grid.items():
+            best[key][worse] = value
     d, d_logt2, d_b1, m0, rss = (best[k] for k in ("d", "d_logt2", "d_b1", "m0", "rss"))
     losses[2] = rss.sum()
     t2, b1 = best["t2"], best["b1"]
@@ -258,7 +262,7 @@ def fit_epg(
     te: torch.Tensor,
     t1: float | torch.Tensor = 1.0,
     mask: torch.Tensor | None = None,
-    t2_range: tuple[float, float] = (0.004, 3.0),
+    t2_range: tuple[float, float] = (0.004, 10.0),
     b1_range: tuple[float, float] = (0.4, 1.0),
     t2_step: float = 0.02,
     b1_step: float = 0.02,

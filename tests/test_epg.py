@@ -163,7 +163,7 @@ def test_fit_flags_voxels_it_cannot_fit_and_keeps_the_rest():
     data, te = _train(torch.full((5,), 0.1), torch.full((5,), 0.8))
     data[:, 1] = float("nan")  # a corrupt voxel
     data[:, 2] = 0.0  # no signal
-    data[:, 3] = 1000.0 * torch.exp(-te / 10.0)  # T2 far above the dictionary
+    data[:, 3] = 1000.0 * torch.exp(-te / 100.0)  # T2 far above the dictionary (10 s)
     fit = fit_epg(data, te, mask=torch.tensor([True, True, True, True, False]))
     assert fit.valid.tolist() == [True, False, False, False, False]
     assert fit.n_failed == 3
@@ -193,7 +193,9 @@ def test_fit_chunks_give_the_same_answer():
     data, te = _train(t2, torch.linspace(0.6, 0.95, 60), n=12)
     whole = fit_epg(data, te)
     chunked = fit_epg(data, te, max_bytes=20_000)  # a few voxels per chunk
-    torch.testing.assert_close(chunked.params["t2"], whole.params["t2"])
+    # float32 sums in another order can move a near-tie by a fraction of the 2% grid step
+    torch.testing.assert_close(chunked.params["t2"], whole.params["t2"], rtol=3e-3, atol=0)
+    assert chunked.valid.equal(whole.valid)
 
 
 def test_fit_is_reexported_from_fitting():
