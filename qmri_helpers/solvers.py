@@ -19,9 +19,14 @@ of :math:`\tau` alone (variable projection):
    :math:`\|\Phi c - s \odot y\|` over the sign patterns :math:`s` a monotone IR curve can
    have (the first :math:`j` points negative, or the last). Each pattern gives a smooth
    :math:`f_s(\tau) \ge f(\tau)`, equal where the pattern is the model's own, so the global
-   optimum is the best of the patterns' minima. The kink check refines the pattern of the best
-   grid value and its neighbours (the null moved by one point either way) and keeps the best:
-   this is what fixes the local minima next to the null, where :math:`f` has a kink.
+   optimum is the best of the patterns' minima. The kink check refines several patterns and
+   keeps the best: for the 3-parameter and TR-aware models the null next to the smallest
+   magnitude (two patterns) and one point further either way, each from its own best grid
+   value; for the seed model, whose pattern follows from tau, the pattern of the best grid
+   value and, where a null lies within four grid steps, its neighbours. This is what fixes the
+   local minima next to the null, where :math:`f` has a kink. (The patterns assume a monotone
+   curve: exact for a constant TR; with a TR that changes with TI, as on Siemens scanners,
+   a curve could in principle change sign twice.)
 
 :func:`fit_varpro` with ``lm_iterations=0`` stops after the grid (with a parabolic refinement
 between grid values), to show what the grid alone gives. Both run on the device of the data,
@@ -174,14 +179,16 @@ def _grid_basis(model: SeparableModel, grid: torch.Tensor, absolute: bool) -> to
 def _grid_search(
     qmat: torch.Tensor, p: int, signed: list[torch.Tensor], buffer: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""Best grid index, its pattern index and the scores at k-1, k, k+1 (3, V).
+    r"""Per pattern: best grid index, its score and the scores at k-1, k, k+1.
 
-    The score is :math:`\|P_k s y\|^2`, the largest score the least cost. ``buffer`` holds
-    the ``(K * p, V)`` projections and is reused from chunk to chunk.
+    ``signed`` holds the data of each sign pattern, ``(n, V)`` each. The score is
+    :math:`\|P_k s y\|^2`, the largest score the least cost. ``buffer`` holds the
+    ``(K * p, V)`` projections and is reused from pattern to pattern and chunk to chunk.
+    Returns tensors of shape ``(S, V)``, ``(S, V)`` and ``(S, 3, V)``.
     """
     n_grid = qmat.shape[0] // p
-    best = best_k = best_s = around = None
-    for s, ys in enumerate(signed):
+    best_k, best, around = [], [], []
+    for ys in signed:
         out = buffer[: qmat.shape[0] * ys.shape[1]].view(qmat.shape[0], ys.shape[1])
         projection = torch.matmul(qmat, ys.to(qmat.dtype), out=out)
         scores = projection.square_()
@@ -189,17 +196,11 @@ def _grid_search(
             scores = scores.reshape(n_grid, p, -1).sum(1)
         score, k = scores.max(0)
         inner = k.clamp(1, n_grid - 2)
-        neighbours = scores.gather(0, torch.stack([inner - 1, inner, inner + 1]))
-        if best is None:
-            best, best_k, around = score, k, neighbours
-            best_s = torch.zeros_like(k)
-        else:
-            better = score > best
-            best = torch.where(better, score, best)
-            best_k = torch.where(better, k, best_k)
-            best_s = torch.where(better, s, best_s)
-            around = torch.where(better, neighbours, around)
-    return best_k, best_s, around.to(signed[0].dtype)
+        best_k.append(k)
+        best.append(score)
+        around.append(scores.gather(0, torch.stack([inner - 1, inner, inner + 1])))
+    dtype = signed[0].dtype
+    return torch.stack(best_k), torch.stack(best).to(dtype), torch.stack(around).to(dtype)
 
 
 def _parabola(around: torch.Tensor, k: torch.Tensor, log_grid: torch.Tensor) -> torch.Tensor:
@@ -323,21 +324,26 @@ def _fit_chunk(
     """
     n, n_voxels = y.shape
     p = len(model.linear)
-    if model.magnitude and model.polarity:  # the null next to the smallest magnitude
+    if model.magnitude and model.polarity:
+        # the null lies next to the smallest magnitude, at index m: the patterns with the first
+        # m or m+1 points negative, and (the kink check) the null one point further either way
         m = rank[y.argmin(0)]
-        patterns = [m, m + 1]
+        patterns = [m - 1, m, m + 1, m + 2]
         signed = [_pattern_signs(rank, j, n, y.dtype) * y for j in patterns]
     else:  # signed data, or the seed model whose |basis| carries its own signs
         patterns, signed = None, [y]
-    best_k, best_s, around = _grid_search(qmat, p, signed, buffer)
-    u0 = _parabola(around, best_k, log_grid)
-    if not model.magnitude:
-        candidates = [(torch.zeros_like(best_k), u0)]
-    elif patterns is not None:
-        j = torch.where(best_s == 1, patterns[1], patterns[0])
-        candidates = [(j, u0), (j - 1, u0), (j + 1, u0)]
+    ks, scores, around = _grid_search(qmat, p, signed, buffer)
+    starts = torch.stack([_parabola(around[s], ks[s], log_grid) for s in range(len(signed))])
+    if patterns is not None:  # every pattern from its own best grid value, the best first
+        order = torch.argsort(scores, dim=0, descending=True)  # (S, V)
+        js = torch.stack(patterns).gather(0, order)
+        us = starts.gather(0, order)
+        candidates = [(js[s], us[s]) for s in range(len(patterns))]
+    elif not model.magnitude:
+        candidates = [(torch.zeros_like(ks[0]), starts[0])]
     else:  # seed model: its pattern at the best grid value, and the neighbours' where a null
         # lies within four grid steps (elsewhere f is smooth there and has no second minimum)
+        best_k, u0 = ks[0], starts[0]
         last = grid_pattern.numel() - 1
         j = grid_pattern[best_k]
         low = grid_pattern[(best_k - 4).clamp(0, last)]
@@ -349,14 +355,14 @@ def _fit_chunk(
     js = torch.cat([j for j, _ in candidates])
     us = torch.cat([u for _, u in candidates])
     if model.magnitude and patterns is None and n_c > 1:
-        keep = torch.cat([torch.ones_like(j, dtype=torch.bool), low < j, high > j])
+        keep = torch.cat([torch.ones_like(ks[0], dtype=torch.bool), low < j, high > j])
         cols = torch.nonzero(keep)[:, 0]
     else:
         cols = torch.arange(n_c * n_voxels, device=y.device)
     ys = y[:, cols % n_voxels]  # one column per (voxel, pattern) refined
     if model.magnitude:
         ys = ys * _pattern_signs(rank, js[cols], n, y.dtype)
-    with thread_policy(y.device, cols.numel() * n, small=2**20):
+    with thread_policy(y.device, cols.numel() * n, small=2**18):
         u, cost, c, _ = _refine(model, ys, us[cols], model.bounds, max_iter, tol, history, n_voxels)
     all_cost = torch.full((n_c * n_voxels,), torch.inf, dtype=y.dtype, device=y.device)
     all_u = torch.zeros_like(all_cost)
@@ -505,18 +511,23 @@ def fit_varpro(
     inverse_diag = torch.empty((n_voxels, p + 1), dtype=keep, device=device)
     history_chunks: list[list[float]] = []
     bar = trange(0, n_voxels, chunk, desc="VarPro", disable=not progress, leave=False)
-    for start in bar:
-        sl = slice(start, start + chunk)
-        y = torch.where(finite[sl], voxels[:, sl].to(dtype), 0.0)
-        history: list[float] = []
-        c, t = _fit_chunk(
-            model, y, rank, qmat, log_grid, buffer, grid_pattern, lm_iterations, tol, history
-        )
-        history_chunks.append(history)
-        signal, jac = model.evaluate(c, t)
-        residual = (y - signal).T
-        rss[sl], r_squared[sl], inverse_diag[sl] = _goodness(residual, jac.permute(2, 0, 1), y.T)
-        coefficients[:, sl], tau[sl] = c, t
+    # the grid's matrix products use the idle cores; the small operations of the refinement
+    # (its working set shrinks fast) run on one thread, see thread_policy
+    with thread_policy(device, chunk * n * p):
+        for start in bar:
+            sl = slice(start, start + chunk)
+            y = torch.where(finite[sl], voxels[:, sl].to(dtype), 0.0)
+            history: list[float] = []
+            c, t = _fit_chunk(
+                model, y, rank, qmat, log_grid, buffer, grid_pattern, lm_iterations, tol, history
+            )
+            history_chunks.append(history)
+            signal, jac = model.evaluate(c, t)
+            residual = (y - signal).T
+            rss[sl], r_squared[sl], inverse_diag[sl] = _goodness(
+                residual, jac.permute(2, 0, 1), y.T
+            )
+            coefficients[:, sl], tau[sl] = c, t
     # A grid search alone cannot leave its grid: a voxel at either end is pinned there.
     pinned = at_bound(tau, model.bounds if lm_iterations else (grid.min(), grid.max()))
     ok = has_signal & torch.isfinite(rss) & torch.isfinite(tau) & ~pinned
