@@ -444,3 +444,11 @@ def test_fit_epg_computes_half_precision_in_float32(dtype):
     assert half.params["t2"].dtype == torch.float32
     torch.testing.assert_close(half.params["t2"], full.params["t2"], rtol=0, atol=0)
     torch.testing.assert_close(half.params["t2"], torch.tensor([0.05, 0.1, 0.2]), rtol=0.02, atol=0)
+
+
+def test_voxel_status_finds_one_bad_time_point():
+    nan, inf = float("nan"), float("inf")
+    voxels = torch.tensor([[1.0, 0.0, nan, 0.0, -inf, 0.0], [-2.0, 0.0, 1.0, nan, 1.0, -3.0]])
+    finite, signal = validation.voxel_status(voxels)
+    assert finite.tolist() == [True, True, False, False, False, True]
+    assert signal.tolist() == [True, False, False, False, False, True]
