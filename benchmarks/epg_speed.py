@@ -12,6 +12,8 @@ size. Every voxel is fitted (no mask), then only the voxels with signal. Torch i
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import platform
 import statistics
 import tempfile
@@ -76,6 +78,12 @@ def main() -> None:
     for label, m in (("all 192x192", None), (f"signal mask ({int(mask.sum())})", mask)):
         median, best, valid = time_fit(data, te, m, device, args.repeats)
         lines.append(f"| {label} | {median:.2f} | {best:.2f} | {valid} |")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    lines += [
+        "",
+        f"Measured on {datetime.date.today()}, {args.repeats} runs after a warm-up; load average "
+        f"{load} (1, 5, 15 min) while it ran: other jobs on the same cores slow the median.",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.readme:

@@ -23,11 +23,18 @@ from . import dicom, fitting, qa_report
 from .dicom import SeriesHeader
 from .epg import cpmg_echo_spacing
 from .phantom_qa import PlateChoice, choose_plate
-from .reference import PLATES, Reference, reference_t2
+from .reference import PLATES, Reference, reference_t1, reference_t2
 from .spheres import OrientationError, Spheres, label_by_values, roi_values, sphere_candidates
 from .t2_fitting import fit_epg
 
-__all__ = ["T2QAResult", "check_t2_series", "t2_sphere_table", "plot_t2_agreement", "run_t2_qa"]
+__all__ = [
+    "T2QAResult",
+    "check_t2_series",
+    "nominal_t1_map",
+    "t2_sphere_table",
+    "plot_t2_agreement",
+    "run_t2_qa",
+]
 
 
 def check_t2_series(header: SeriesHeader) -> None:
@@ -85,6 +92,29 @@ def plot_t2_agreement(table: pd.DataFrame, title: str = "") -> Figure:
     return fig
 
 
+def nominal_t1_map(
+    shape: tuple[int, int], spheres: Spheres, reference: Reference, fill_t1: float
+) -> torch.Tensor:
+    """A T1 map (s) of the plate: each sphere's nominal T1 inside its radius, else ``fill_t1``.
+
+    Parameters
+    ----------
+    shape
+        ``(y, x)`` of the slice.
+    spheres
+        The labelled spheres (centres in pixels, radius).
+    reference
+        The plate's nominal T1 (:func:`~qmri_helpers.reference.reference_t1`).
+    fill_t1
+        T1 (s) everywhere outside the spheres (the water fill, the background).
+    """
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
+    t1 = np.full(shape, fill_t1)
+    for (row, col), value in zip(spheres.centres[:14], reference.values, strict=True):
+        t1[(rows - row) ** 2 + (cols - col) ** 2 <= spheres.radius_px**2] = value
+    return torch.as_tensor(t1)
+
+
 @dataclass
 class T2QAResult:
     """Everything :func:`run_t2_qa` measured.
@@ -108,7 +138,7 @@ class T2QAResult:
     plate_choice
         How the plate was chosen, and how well each plate's table fits.
     t1
-        The T1 (s) the EPG fit assumed.
+        The T1 the EPG fit assumed: a number (s), or "nominal" (each sphere's nominal T1).
     """
 
     images: torch.Tensor
@@ -119,7 +149,7 @@ class T2QAResult:
     plate: int
     reference: Reference
     plate_choice: PlateChoice
-    t1: float
+    t1: float | str
 
     @property
     def t2(self) -> torch.Tensor:
@@ -139,17 +169,21 @@ class T2QAResult:
             f"{self.plate_choice.summary}\n"
             f"reference: {self.reference.label}"
             + (f" ({self.reference.assumptions})" if self.reference.assumptions else "")
-            + f"\nEPG fit with T1 = {self.t1:g} s assumed; median B1 in the spheres "
+            + f"\nEPG fit with T1 = {_t1_words(self.t1)}; median B1 in the spheres "
             f"{np.median(np.concatenate(roi_values(self.b1, s.centres[:14]))):.2f}"
             f"\norientation: {s.orientation}; T2 rank correlation with the sphere number "
             f"{s.rank_correlation:+.2f}, margin {s.margin:.2f}"
         )
 
 
+def _t1_words(t1: float | str) -> str:
+    return "the plate's nominal T1 per sphere" if t1 == "nominal" else f"{t1:g} s assumed"
+
+
 def run_t2_qa(
     folder: str | Path,
     tolerance: float = 0.10,
-    t1: float = 1.0,
+    t1: float | str = 1.0,
     slice_index: int | None = None,
     max_relative_sd: float = 0.05,
     plate: int | None = None,
@@ -173,7 +207,10 @@ def run_t2_qa(
     tolerance
         Largest relative difference from nominal that passes.
     t1
-        T1 (s) the EPG fit assumes for the decay of the stored states.
+        T1 (s) the EPG fit assumes for the decay of the stored states; or "nominal": fit
+        with 1 s to find and label the spheres and the plate, then fit again with each
+        sphere's nominal T1 (:func:`nominal_t1_map`, 1 s outside the spheres). That costs
+        one dictionary per sphere.
     slice_index
         The slice to analyse; None takes the middle one.
     max_relative_sd
@@ -192,6 +229,8 @@ def run_t2_qa(
         show the plate, gives T2 that no labelling orders as the plate does, fits neither
         plate or contradicts the plate named. Every message names the folder.
     """
+    if t1 != "nominal" and not (isinstance(t1, int | float) and t1 > 0):
+        raise ValueError(f"t1 must be a positive time in s or 'nominal', got {t1!r}")
     images, header = dicom.load_series(folder)
     where = Path(folder)
     check_t2_series(header)
@@ -210,7 +249,8 @@ def run_t2_qa(
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
     data = slice_images[:, None]
-    fit = fit_epg(data, header.te, t1=t1, mask=fitting.signal_mask(data))
+    mask = fitting.signal_mask(data)
+    fit = fit_epg(data, header.te, t1=1.0 if t1 == "nominal" else float(t1), mask=mask)
     t2_map, sd_map = fit.params["t2"][0], fit.sd["t2"][0]
     try:
         spheres = label_by_values(candidates, t2_map, "T2")
@@ -223,10 +263,16 @@ def run_t2_qa(
         lambda t2: shortest <= t2 <= qa_report.LONGEST_TI_FACTOR * longest, plate, where,
     )  # fmt: skip
     reference = references[choice.plate]
+    if t1 == "nominal":
+        nominal = reference_t1(choice.plate, header.field_strength, serial, temperature_c)
+        t1_map = nominal_t1_map(tuple(t2_map.shape), spheres, nominal, 1.0)
+        fit = fit_epg(data, header.te, t1=t1_map[None], mask=mask)
+        t2_map, sd_map = fit.params["t2"][0], fit.sd["t2"][0]
     table = t2_sphere_table(
         t2_map, sd_map, spheres, header, reference, tolerance=tolerance,
         max_relative_sd=max_relative_sd,
     )  # fmt: skip
     return T2QAResult(
-        slice_images, header, spheres, fit, table, choice.plate, reference, choice, float(t1)
-    )
+        slice_images, header, spheres, fit, table, choice.plate, reference, choice,
+        t1 if t1 == "nominal" else float(t1),
+    )  # fmt: skip

@@ -142,6 +142,7 @@ def test_fit_recovers_noise_free_trains_between_grid_points():
     data, te = _train(t2, b1, n=32, esp=0.008)
     fit = fit_epg(data, te)
     assert fit.valid.all() and fit.params["t2"].shape == (2, 3)
+    assert fit.device == data.device and set(fit.sd) == {"m0", "t2", "b1"}
     torch.testing.assert_close(fit.params["t2"], t2, rtol=6e-3, atol=0)
     torch.testing.assert_close(fit.params["b1"], b1, rtol=1e-2, atol=0)
     torch.testing.assert_close(fit.params["m0"], torch.full((2, 3), 1000.0), rtol=6e-3, atol=0)
@@ -196,6 +197,16 @@ def test_fit_chunks_give_the_same_answer():
     # float32 sums in another order can move a near-tie by a fraction of the 2% grid step
     torch.testing.assert_close(chunked.params["t2"], whole.params["t2"], rtol=3e-3, atol=0)
     assert chunked.valid.equal(whole.valid)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_fit_runs_on_the_data_device_and_agrees_with_the_cpu():
+    data, te = _train(torch.linspace(0.02, 0.4, 50), torch.linspace(0.6, 0.95, 50), n=16)
+    on_gpu = fit_epg(data.cuda(), te)
+    assert on_gpu.device.type == "cuda" and on_gpu.params["t2"].device.type == "cpu"
+    torch.testing.assert_close(
+        on_gpu.params["t2"], fit_epg(data, te).params["t2"], rtol=3e-3, atol=0
+    )
 
 
 def test_fit_is_reexported_from_fitting():
