@@ -24,6 +24,7 @@ from .validation import (
     FAILURE_REASONS,
     check_data,
     check_mask,
+    check_times,
     count_failures,
     voxel_status,
     warn_not_finite,
@@ -193,7 +194,9 @@ def dictionary_match(
     data = check_data(data)
     finite, signal = voxel_status(data)
     warn_not_finite(finite, "dictionary_match")
-    grid = torch.as_tensor(grid, dtype=data.dtype, device=data.device).flatten()
+    grid = check_times(grid, f"grid of {name}").to(dtype=data.dtype, device=data.device)
+    if not bool((grid > 0).all()):
+        raise ValueError(f"the grid of {name} must be > 0 s, got {grid.tolist()[:5]}")
     atoms = model(m0=torch.ones_like(grid), **{name: grid})  # (n_times, k)
     if atoms.shape[0] != data.shape[0]:
         raise ValueError(

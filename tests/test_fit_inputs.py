@@ -452,3 +452,12 @@ def test_voxel_status_finds_one_bad_time_point():
     finite, signal = validation.voxel_status(voxels)
     assert finite.tolist() == [True, True, False, False, False, True]
     assert signal.tolist() == [True, False, False, False, False, True]
+
+
+def test_dictionary_match_refuses_a_grid_in_ms():
+    model = models.inversion_recovery(TI)
+    data = model(m0=torch.full((3,), 1000.0), t1=T1[:3]).float()
+    with pytest.raises(ValueError, match="grid of t1 looks like milliseconds"):
+        fitting.dictionary_match(data, model, "t1", T1_GRID * 1000)
+    with pytest.raises(ValueError, match="grid of t1 must be > 0 s"):
+        fitting.dictionary_match(data, model, "t1", torch.linspace(0, 1, 50))
