@@ -150,7 +150,18 @@ def signal_mask(data: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
     if not bool(finite.any()):
         return finite
     peak = torch.where(finite, data.abs().amax(0), 0.0)
-    return finite & (peak > fraction * torch.quantile(peak[finite].float(), 0.99))
+    return finite & (peak > fraction * _quantile(peak[finite].float(), 0.99))
+
+
+def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(values, q)`` (linear), also above its limit of 2**24 values."""
+    if values.numel() <= 2**24:
+        return torch.quantile(values, q)
+    position = q * (values.numel() - 1)
+    below, frac = int(position), position - int(position)
+    low = values.kthvalue(below + 1).values
+    high = values.kthvalue(min(below + 2, values.numel())).values
+    return low + frac * (high - low)
 
 
 @_flushing_denormals

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -461,3 +462,15 @@ def test_dictionary_match_refuses_a_grid_in_ms():
         fitting.dictionary_match(data, model, "t1", T1_GRID * 1000)
     with pytest.raises(ValueError, match="grid of t1 must be > 0 s"):
         fitting.dictionary_match(data, model, "t1", torch.linspace(0, 1, 50))
+
+
+def test_signal_mask_of_a_volume_above_torch_quantiles_limit():
+    """More than 2**24 voxels (e.g. 512x512x64): the same threshold as numpy's percentile."""
+    generator = torch.Generator().manual_seed(0)
+    data = torch.rand(1, 2**24 + 3, generator=generator) * 1000
+    mask = fitting.signal_mask(data, fraction=0.5)
+    threshold = 0.5 * np.percentile(data[0].double().numpy(), 99)
+    differ = mask != (data[0] > threshold)  # at most the voxels within float32 rounding
+    assert int(differ.sum()) <= 3
+    assert torch.all((data[0][differ].double() - threshold).abs() < 1e-3)
+    assert 0.49 < mask.double().mean() < 0.51  # half the uniform values exceed half of p99
