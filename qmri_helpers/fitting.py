@@ -24,6 +24,7 @@ from .validation import (
     FAILURE_REASONS,
     check_data,
     check_mask,
+    check_times,
     count_failures,
     voxel_status,
     warn_not_finite,
@@ -149,7 +150,18 @@ def signal_mask(data: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
     if not bool(finite.any()):
         return finite
     peak = torch.where(finite, data.abs().amax(0), 0.0)
-    return finite & (peak > fraction * torch.quantile(peak[finite].float(), 0.99))
+    return finite & (peak > fraction * _quantile(peak[finite].float(), 0.99))
+
+
+def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(values, q)`` (linear), also above its limit of 2**24 values."""
+    if values.numel() <= 2**24:
+        return torch.quantile(values, q)
+    position = q * (values.numel() - 1)
+    below, frac = int(position), position - int(position)
+    low = values.kthvalue(below + 1).values
+    high = values.kthvalue(min(below + 2, values.numel())).values
+    return low + frac * (high - low)
 
 
 @_flushing_denormals
@@ -193,7 +205,9 @@ def dictionary_match(
     data = check_data(data)
     finite, signal = voxel_status(data)
     warn_not_finite(finite, "dictionary_match")
-    grid = torch.as_tensor(grid, dtype=data.dtype, device=data.device).flatten()
+    grid = check_times(grid, f"grid of {name}").to(dtype=data.dtype, device=data.device)
+    if not bool((grid > 0).all()):
+        raise ValueError(f"the grid of {name} must be > 0 s, got {grid.tolist()[:5]}")
     atoms = model(m0=torch.ones_like(grid), **{name: grid})  # (n_times, k)
     if atoms.shape[0] != data.shape[0]:
         raise ValueError(
