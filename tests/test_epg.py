@@ -61,6 +61,22 @@ def test_three_90_degree_pulses_give_the_stimulated_echo():
     assert abs(state[0, 0].item()) > 0.1  # far from 0: the test can tell right from wrong
 
 
+def test_cpmg_signal_is_the_loop_of_the_three_operators():
+    t2 = torch.tensor([[0.02, 0.1], [0.3, 1.5]], dtype=F64)
+    b1 = torch.tensor([[0.55, 0.8], [0.95, 1.0]], dtype=F64)
+    esp, n, t1 = 0.009, 12, 0.4
+    e1, e2 = torch.tensor(math.exp(-esp / 2 / t1), dtype=F64), torch.exp(-esp / 2 / t2)
+    state = epg.initial_state(2 * n + 2, (2, 2), dtype=F64)
+    echoes = []
+    for _ in range(n):
+        state = epg.shift(epg.relax(state, e1, e2))
+        state = epg.shift(epg.relax(epg.rotate(state, b1 * math.pi), e1, e2))
+        echoes.append(state[0, 0])
+    expected = torch.stack(echoes)
+    got = epg.cpmg_signal(t2, b1, esp, n, t1=t1)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+
+
 def test_truncated_states_are_exact():
     t2 = torch.tensor([0.02, 0.1, 1.0], dtype=F64)
     full = epg.cpmg_signal(t2, 0.7, 0.008, 32, t1=0.3, n_states=80)
