@@ -44,7 +44,9 @@ root_doc = "index"
 exclude_patterns = ["notebooks/*.csv", "**/.ipynb_checkpoints"]
 myst_enable_extensions = ["dollarmath", "amsmath"]
 myst_heading_anchors = 3
-suppress_warnings = ["mystnb.unknown_mime_type"]
+# -W makes every warning an error (a broken link, a failed cell); these two are cosmetic: a
+# heading that skips a level, and an output type that a static page cannot show.
+suppress_warnings = ["mystnb.unknown_mime_type", "myst.header"]
 
 # --- execution: jupyter-cache, errors stop the build --------------------------------------
 nb_execution_mode = "cache"
@@ -145,7 +147,11 @@ def _render_image_with_alt(self, data):
     """myst-nb's image renderer, with the ``alt`` of the output's metadata (else a generic one)."""
     nodes = _render_image(self, data)
     alt = data.output_metadata.get(data.mime_type, {}).get("alt")
-    nodes[0]["alt"] = alt or "Figure: the output of the code cell above (static view)."
+    # Figures carry theirs (site_setup.py); what else shows a PNG is a widget's static view.
+    nodes[0]["alt"] = alt or (
+        "Figure: a static view of the interactive widget that the code cell above makes; "
+        "it is live in JupyterLab."
+    )
     return nodes
 
 

@@ -169,15 +169,15 @@ fig = qh.plotting.show_maps(
 # All voxels are fitted together: the loss is the sum of the per-voxel errors, so each voxel's
 # gradient only depends on its own parameters. Adam works on $\log M_0$ and $\log T_1$, so a
 # step changes a short and a long T1 by the same *relative* amount. It runs on the GPU when
-# there is one.
+# there is one. A voxel the fit cannot answer for (NaN or inf in its data, no signal at all,
+# a non-finite result) is not given a value: it fails, is masked, and `result.summary()` counts
+# it by reason.
 
 # %%
 N_ITER = 2000
 result = qh.fitting.fit_adam(model, images, start, n_iter=N_ITER, lr=0.01, device=DEVICE)
-print(
-    f"final loss {result.loss_history[-1]:.4g}; voxels that failed and are masked: "
-    f"{result.n_failed}"
-)
+print(f"final loss {result.loss_history[-1]:.4g}")
+print(result.summary())
 fig = qh.plotting.show_loss(result.loss_history)
 # %% [markdown]
 # ## 6. The maps

@@ -147,8 +147,9 @@ result = qh.fitting.fit_adam(model, images, dict_start, n_iter=N_ITER, device=DE
 seed_result = qh.fitting.fit_adam(model, images, seed_start, n_iter=N_ITER, device=DEVICE)
 print(
     f"final loss from the dictionary start {result.loss_history[-1]:.4g}, "
-    f"from the seed start {seed_result.loss_history[-1]:.4g}; failed voxels: {result.n_failed}"
+    f"from the seed start {seed_result.loss_history[-1]:.4g}"
 )
+print(f"dictionary start: {result.summary()}\nseed start:       {seed_result.summary()}")
 
 # %% [markdown]
 # ## 5. Maps of M0, T2* and R2*

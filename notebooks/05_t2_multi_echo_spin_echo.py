@@ -227,7 +227,7 @@ _ = ax.legend()
 # Lower $B_1$ lowers the first echo and lifts the later ones above the pure decay: the
 # pattern of section 2.
 #
-# ### 📝 Exercise 1
+# ### Exercise 1
 # Write the relaxation operator yourself: `my_relax(state, e1, e2)` takes a state of shape
 # `(3, n_states, batch)` (rows $F^+$, $F^-$, $Z$) and $E_1$, $E_2$ of shape `(batch,)`, and
 # returns the new state. `qh.epg.check_epg_step` tells you whether it is right and, if not,
@@ -237,7 +237,7 @@ _ = ax.legend()
 # Write your code here.
 
 # %% [markdown]
-# ### 📃 Solution for Exercise 1
+# ### Solution for Exercise 1
 # Expand the cell below to see one solution.
 
 

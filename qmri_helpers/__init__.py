@@ -31,6 +31,7 @@ from . import (
     spheres,
     t2_fitting,
     t2_qa,
+    validation,
     widgets,
 )
 
@@ -54,6 +55,7 @@ __all__ = [
     "solvers",
     "t2_fitting",
     "t2_qa",
+    "validation",
     "widgets",
 ]
 __version__ = "0.1.0"

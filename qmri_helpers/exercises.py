@@ -262,7 +262,7 @@ def check_passing_spheres(
     answer
         The learner's sphere numbers (1-14), in any order.
     table
-        The QA table of :func:`qmri_helpers.phantom_qa.sphere_table`.
+        The QA table of :func:`qmri_helpers.qa_report.sphere_table`.
     tolerance
         Largest relative difference that passes, as a fraction (0.05 is 5%).
 

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import einops
@@ -20,6 +20,16 @@ import torch
 from tqdm.auto import trange
 
 from .models import SignalModel, mse
+from .validation import (
+    FAILURE_REASONS,
+    check_data,
+    check_mask,
+    check_times,
+    count_failures,
+    voxel_status,
+    warn_not_finite,
+    working_dtype,
+)
 
 __all__ = [
     "FitResult",
@@ -111,15 +121,16 @@ def _flushing_denormals(fn):
     return wrapper
 
 
-def _check_data(data: torch.Tensor, name: str = "data") -> None:
-    if not isinstance(data, torch.Tensor) or not data.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(data).__name__}")
-    if data.ndim < 2:
-        raise ValueError(f"{name} must have shape (n_times, ...voxels), got {tuple(data.shape)}")
+def _check_data(data: torch.Tensor, name: str = "data") -> torch.Tensor:
+    """The data, checked and in float32 at least (see :func:`.validation.check_data`)."""
+    return check_data(data, name)
 
 
 def signal_mask(data: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
     """Voxels whose largest signal exceeds ``fraction`` of the image's 99th percentile.
+
+    Voxels with NaN or inf at any time point are left out of the mask (with a warning that
+    counts them); the percentile is taken over the others.
 
     Parameters
     ----------
@@ -133,9 +144,24 @@ def signal_mask(data: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
     torch.Tensor
         Boolean mask of shape ``(...)``.
     """
-    _check_data(data)
-    peak = data.abs().amax(0)
-    return peak > fraction * torch.quantile(peak.flatten().float(), 0.99)
+    data = check_data(data)
+    finite, _ = voxel_status(data)
+    warn_not_finite(finite, "signal_mask")
+    if not bool(finite.any()):
+        return finite
+    peak = torch.where(finite, data.abs().amax(0), 0.0)
+    return finite & (peak > fraction * _quantile(peak[finite].float(), 0.99))
+
+
+def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(values, q)`` (linear), also above its limit of 2**24 values."""
+    if values.numel() <= 2**24:
+        return torch.quantile(values, q)
+    position = q * (values.numel() - 1)
+    below, frac = int(position), position - int(position)
+    low = values.kthvalue(below + 1).values
+    high = values.kthvalue(min(below + 2, values.numel())).values
+    return low + frac * (high - low)
 
 
 @_flushing_denormals
@@ -153,6 +179,10 @@ def dictionary_match(
     largest dot product with its own. M0 follows from the maximum magnitude:
     ``max|data| / max|matched curve|``. Voxels are processed in chunks, so the extra memory
     stays below about ``max_bytes`` whatever the size of the volume.
+
+    Voxels without signal (all zero) or with NaN or inf get 0 for both values (a warning
+    counts the latter); a fit then counts them as failures. Half-precision data are matched in
+    float32, and the maps are returned in float32.
 
     Parameters
     ----------
@@ -172,8 +202,12 @@ def dictionary_match(
     dict
         ``{"m0": ..., name: ...}``, maps of shape ``(...)``.
     """
-    _check_data(data)
-    grid = torch.as_tensor(grid, dtype=data.dtype, device=data.device).flatten()
+    data = check_data(data)
+    finite, signal = voxel_status(data)
+    warn_not_finite(finite, "dictionary_match")
+    grid = check_times(grid, f"grid of {name}").to(dtype=data.dtype, device=data.device)
+    if not bool((grid > 0).all()):
+        raise ValueError(f"the grid of {name} must be > 0 s, got {grid.tolist()[:5]}")
     atoms = model(m0=torch.ones_like(grid), **{name: grid})  # (n_times, k)
     if atoms.shape[0] != data.shape[0]:
         raise ValueError(
@@ -195,6 +229,8 @@ def dictionary_match(
         value[start : start + chunk] = grid[best]
         m0[start : start + chunk] = block.abs().amax(0) / atoms_peak[best]
     shape = data.shape[1:]
+    usable = signal.flatten()
+    value, m0 = torch.where(usable, value, 0.0), torch.where(usable, m0, 0.0)
     return {"m0": m0.reshape(shape), name: value.reshape(shape)}
 
 
@@ -228,6 +264,10 @@ class FitResult:
         Mean squared error over the fitted voxels after each iteration (data units squared).
     device
         Where the fit ran.
+    failures
+        Failed voxels by reason (keys of :data:`.validation.FAILURE_REASONS`: ``"not
+        finite"``, ``"no signal"``, ``"at a bound"``, ``"fit failed"``); each failed voxel
+        counts once, so the counts sum to ``n_failed``. :meth:`summary` says it in words.
     """
 
     params: dict[str, torch.Tensor]
@@ -239,6 +279,28 @@ class FitResult:
     noise_sigma: float
     loss_history: list[float]
     device: torch.device
+    failures: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_fitted(self) -> int:
+        """Number of voxels the fit was asked for: the valid ones plus the failed ones."""
+        return int(self.valid.sum()) + self.n_failed
+
+    def summary(self) -> str:
+        """One line: how many voxels were fitted, how many are valid, and why the others failed.
+
+        Examples
+        --------
+        ``"4096 voxels fitted: 4001 valid, 95 failed (90 without signal (all zero), 5 with NaN
+        or inf in the data)"``
+        """
+        line = f"{self.n_fitted} voxels fitted: {int(self.valid.sum())} valid"
+        if not self.n_failed:
+            return line + ", none failed"
+        reasons = ", ".join(
+            f"{n} {FAILURE_REASONS.get(reason, reason)}" for reason, n in self.failures.items()
+        )
+        return f"{line}, {self.n_failed} failed" + (f" ({reasons})" if reasons else "")
 
 
 def _cofactors(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,8 +391,9 @@ def _pack(
 
 
 def _result(
-    shape, mask_flat, ok, params, residual_norm, r_squared, sd_unit, sigma, history, device, dtype
-) -> FitResult:
+    shape, mask_flat, ok, params, residual_norm, r_squared, sd_unit, sigma, history, device, dtype,
+    reasons=None,
+) -> FitResult:  # fmt: skip
     valid = torch.zeros(mask_flat.numel(), dtype=torch.bool, device=ok.device)
     valid[mask_flat.to(ok.device)] = ok
     valid = valid.cpu()
@@ -345,6 +408,7 @@ def _result(
         noise_sigma=sigma,
         loss_history=history,
         device=device,
+        failures=count_failures(ok, reasons or {}),
     )
 
 
@@ -413,27 +477,29 @@ def fit_adam(
     Returns
     -------
     FitResult
-        Maps, validity mask, failure count, goodness of fit and loss history.
+        Maps, validity mask, failure count, goodness of fit and loss history. Voxels with NaN
+        or inf data, or without signal (all zero), fail and are counted (``failures``).
+        Half-precision data are fitted in float32, and the maps are float32.
     """
-    _check_data(data)
+    data = check_data(data)
     shape = data.shape[1:]
     if "m0" not in init:
         raise ValueError(f"init needs a start value for 'm0', got {sorted(init)}")
     for key, value in init.items():
-        if tuple(value.shape) != tuple(shape):
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(shape):
             raise ValueError(
-                f"start value {key!r} has shape {tuple(value.shape)} but the data has "
-                f"{tuple(data.shape)}: expected maps of shape {tuple(shape)}"
+                f"start value {key!r} has shape {tuple(getattr(value, 'shape', ()))} but the "
+                f"data has {tuple(data.shape)}: expected maps of shape {tuple(shape)}"
             )
-    if mask is None:
-        mask = torch.ones(shape, dtype=torch.bool)
-    elif tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+    init = {
+        k: v.to(working_dtype(v.dtype)) if v.is_floating_point() else v for k, v in init.items()
+    }
+    mask = torch.ones(shape, dtype=torch.bool) if mask is None else mask
     device = torch.device(device) if device is not None else default_device()
-    mask_flat = mask.flatten().to(data.device)
+    mask_flat = check_mask(mask, shape).to(data.device)
 
     voxels = einops.rearrange(data, "c ... -> c (...)")[:, mask_flat].to(device)
-    finite = torch.isfinite(voxels).all(0)  # voxels with NaN/inf data fail, and only they
+    finite, has_signal = voxel_status(voxels)  # voxels with NaN/inf data or no signal fail
     voxels = torch.where(finite, voxels, 0.0)
     scale = voxels.abs().max().clamp_min(torch.finfo(data.dtype).tiny)
     if not normalise:
@@ -485,7 +551,7 @@ def fit_adam(
         residual = (target - prediction).T
         rss, r_squared, inverse_diag = _goodness(residual, jacobian, target.T)
         fitted["m0"] = fitted["m0"] * scale
-        ok = finite & torch.isfinite(rss)
+        ok = has_signal & torch.isfinite(rss)
         for value in fitted.values():
             ok &= torch.isfinite(value) & (value > 0)
         dof = data.shape[0] - len(names)
@@ -496,7 +562,7 @@ def fit_adam(
         sd_unit["m0"] = sd_unit["m0"] * scale
         return _result(
             shape, mask_flat, ok, fitted, rss.sqrt() * scale, r_squared, sd_unit, sigma_fit,
-            history, device, data.dtype,
+            history, device, data.dtype, {"not finite": ~finite, "no signal": ~has_signal},
         )  # fmt: skip
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .validation import check_times
+
 __all__ = [
     "ir_signal",
     "inversion_recovery",
@@ -65,7 +67,12 @@ def ir_signal(
 
 
 def inversion_recovery(ti: torch.Tensor, magnitude: bool = True) -> SignalModel:
-    """Return the IR model for the inversion times ``ti`` (s): ``model(m0=..., t1=...)``."""
+    """Return the IR model for the inversion times ``ti`` (s): ``model(m0=..., t1=...)``.
+
+    Raises ``ValueError`` if ``ti`` is not finite, negative or looks like ms
+    (:func:`~qmri_helpers.validation.check_times`).
+    """
+    check_times(ti, "TI")
 
     def model(m0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
         return ir_signal(m0, t1, ti, magnitude)
@@ -94,7 +101,12 @@ def mono_exp_signal(m0: torch.Tensor, t2star: torch.Tensor, te: torch.Tensor) ->
 
 
 def mono_exponential(te: torch.Tensor) -> SignalModel:
-    """Return the decay model for the echo times ``te`` (s): ``model(m0=..., t2star=...)``."""
+    """Return the decay model for the echo times ``te`` (s): ``model(m0=..., t2star=...)``.
+
+    Raises ``ValueError`` if ``te`` is not finite, negative or looks like ms
+    (:func:`~qmri_helpers.validation.check_times`).
+    """
+    check_times(te, "TE")
 
     def model(m0: torch.Tensor, t2star: torch.Tensor) -> torch.Tensor:
         return mono_exp_signal(m0, t2star, te)
@@ -217,6 +229,7 @@ def _decay(t: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def ir_seed_model(ti: torch.Tensor, magnitude: bool = True) -> SeparableModel:
     r"""The seed's IR model, :math:`|M_0 (1 - 2 e^{-TI/T_1})|`: full recovery, ideal inversion."""
+    check_times(ti, "TI")
 
     def basis(tau):
         e, de = _decay(ti, tau)
@@ -234,6 +247,7 @@ def ir_three_parameter_model(ti: torch.Tensor, magnitude: bool = True) -> Separa
     It absorbs incomplete recovery at a constant TR and an imperfect inversion into ``a`` and
     ``b``; for an ideal experiment ``b = -2a``.
     """
+    check_times(ti, "TI")
 
     def basis(tau):
         e, de = _decay(ti, tau)
@@ -243,6 +257,12 @@ def ir_three_parameter_model(ti: torch.Tensor, magnitude: bool = True) -> Separa
         "IR |a + b exp(-TI/T1)|", ("a", "b"), "t1", torch.as_tensor(ti), basis,
         magnitude, (1e-3, 10.0), lambda c: {"a": c[0], "b": c[1]}, polarity=magnitude,
     )  # fmt: skip
+
+
+_TR_UNKNOWN = (
+    "this model needs TR. The files lack RepetitionTime (see header.notes); fit "
+    "ir_three_parameter_model, which needs no TR"
+)
 
 
 def _known_tr(tr: torch.Tensor | float, ti: torch.Tensor) -> torch.Tensor:
@@ -267,6 +287,8 @@ def ir_tr_model(
     separable model: :math:`c_0 = M_0`, :math:`c_1 = M_0 k`, with the basis
     :math:`1 - e^{-TR/T_1}` and :math:`e^{-TR/T_1} - e^{-TI/T_1}`.
     """
+    check_times(ti, "TI")
+    check_times(tr, "TR", unknown=_TR_UNKNOWN)
     ti = torch.as_tensor(ti)
     tr = _known_tr(tr, ti)
 
@@ -289,6 +311,7 @@ def ir_tr_model(
 
 def mono_exp_model(te: torch.Tensor, name: str = "t2star") -> SeparableModel:
     r"""Mono-exponential decay :math:`M_0 e^{-TE/\tau}` (T2* or, for spin echoes, T2)."""
+    check_times(te, "TE")
 
     def basis(tau):
         e, de = _decay(te, tau)
@@ -310,6 +333,8 @@ def ir_hazen_model(
     the model behind hazen's published phantom values; use it to compare like with like. For a
     constant TR it gives the same T1 as :func:`ir_tr_model`.
     """
+    check_times(ti, "TI")
+    check_times(tr, "TR", unknown=_TR_UNKNOWN)
     ti = torch.as_tensor(ti)
     tr = _known_tr(tr, ti)
 
@@ -363,6 +388,7 @@ def epg_cpmg_model(
     """
     from .epg import cpmg_echo_spacing, cpmg_signal  # the recursion lives in its own module
 
+    check_times(te, "TE")
     esp = cpmg_echo_spacing(te)
     n_echoes = int(torch.as_tensor(te).numel())
 

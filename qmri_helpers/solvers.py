@@ -19,9 +19,14 @@ of :math:`\tau` alone (variable projection):
    :math:`\|\Phi c - s \odot y\|` over the sign patterns :math:`s` a monotone IR curve can
    have (the first :math:`j` points negative, or the last). Each pattern gives a smooth
    :math:`f_s(\tau) \ge f(\tau)`, equal where the pattern is the model's own, so the global
-   optimum is the best of the patterns' minima. The kink check refines the pattern of the best
-   grid value and its neighbours (the null moved by one point either way) and keeps the best:
-   this is what fixes the local minima next to the null, where :math:`f` has a kink.
+   optimum is the best of the patterns' minima. The kink check refines several patterns and
+   keeps the best: for the 3-parameter and TR-aware models the null next to the smallest
+   magnitude (two patterns) and one point further either way, each from its own best grid
+   value; for the seed model, whose pattern follows from tau, the pattern of the best grid
+   value and, where a null lies within four grid steps, its neighbours. This is what fixes the
+   local minima next to the null, where :math:`f` has a kink. (The patterns assume a monotone
+   curve: exact for a constant TR; with a TR that changes with TI, as on Siemens scanners,
+   a curve could in principle change sign twice.)
 
 :func:`fit_varpro` with ``lm_iterations=0`` stops after the grid (with a parabolic refinement
 between grid values), to show what the grid alone gives. Both run on the device of the data,
@@ -37,7 +42,6 @@ from tqdm.auto import trange
 
 from .fitting import (
     FitResult,
-    _check_data,
     _estimate_sigma,
     _flushing_denormals,
     _goodness,
@@ -45,6 +49,14 @@ from .fitting import (
     thread_policy,
 )
 from .models import SeparableModel
+from .validation import (
+    at_bound,
+    check_data,
+    check_mask,
+    check_times,
+    sort_model_times,
+    voxel_status,
+)
 
 __all__ = ["CHUNK_BYTES", "chunk_voxels", "fit_lm", "fit_varpro"]
 
@@ -167,14 +179,16 @@ def _grid_basis(model: SeparableModel, grid: torch.Tensor, absolute: bool) -> to
 def _grid_search(
     qmat: torch.Tensor, p: int, signed: list[torch.Tensor], buffer: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""Best grid index, its pattern index and the scores at k-1, k, k+1 (3, V).
+    r"""Per pattern: best grid index, its score and the scores at k-1, k, k+1.
 
-    The score is :math:`\|P_k s y\|^2`, the largest score the least cost. ``buffer`` holds
-    the ``(K * p, V)`` projections and is reused from chunk to chunk.
+    ``signed`` holds the data of each sign pattern, ``(n, V)`` each. The score is
+    :math:`\|P_k s y\|^2`, the largest score the least cost. ``buffer`` holds the
+    ``(K * p, V)`` projections and is reused from pattern to pattern and chunk to chunk.
+    Returns tensors of shape ``(S, V)``, ``(S, V)`` and ``(S, 3, V)``.
     """
     n_grid = qmat.shape[0] // p
-    best = best_k = best_s = around = None
-    for s, ys in enumerate(signed):
+    best_k, best, around = [], [], []
+    for ys in signed:
         out = buffer[: qmat.shape[0] * ys.shape[1]].view(qmat.shape[0], ys.shape[1])
         projection = torch.matmul(qmat, ys.to(qmat.dtype), out=out)
         scores = projection.square_()
@@ -182,17 +196,11 @@ def _grid_search(
             scores = scores.reshape(n_grid, p, -1).sum(1)
         score, k = scores.max(0)
         inner = k.clamp(1, n_grid - 2)
-        neighbours = scores.gather(0, torch.stack([inner - 1, inner, inner + 1]))
-        if best is None:
-            best, best_k, around = score, k, neighbours
-            best_s = torch.zeros_like(k)
-        else:
-            better = score > best
-            best = torch.where(better, score, best)
-            best_k = torch.where(better, k, best_k)
-            best_s = torch.where(better, s, best_s)
-            around = torch.where(better, neighbours, around)
-    return best_k, best_s, around.to(signed[0].dtype)
+        best_k.append(k)
+        best.append(score)
+        around.append(scores.gather(0, torch.stack([inner - 1, inner, inner + 1])))
+    dtype = signed[0].dtype
+    return torch.stack(best_k), torch.stack(best).to(dtype), torch.stack(around).to(dtype)
 
 
 def _parabola(around: torch.Tensor, k: torch.Tensor, log_grid: torch.Tensor) -> torch.Tensor:
@@ -316,21 +324,26 @@ def _fit_chunk(
     """
     n, n_voxels = y.shape
     p = len(model.linear)
-    if model.magnitude and model.polarity:  # the null next to the smallest magnitude
+    if model.magnitude and model.polarity:
+        # the null lies next to the smallest magnitude, at index m: the patterns with the first
+        # m or m+1 points negative, and (the kink check) the null one point further either way
         m = rank[y.argmin(0)]
-        patterns = [m, m + 1]
+        patterns = [m - 1, m, m + 1, m + 2]
         signed = [_pattern_signs(rank, j, n, y.dtype) * y for j in patterns]
     else:  # signed data, or the seed model whose |basis| carries its own signs
         patterns, signed = None, [y]
-    best_k, best_s, around = _grid_search(qmat, p, signed, buffer)
-    u0 = _parabola(around, best_k, log_grid)
-    if not model.magnitude:
-        candidates = [(torch.zeros_like(best_k), u0)]
-    elif patterns is not None:
-        j = torch.where(best_s == 1, patterns[1], patterns[0])
-        candidates = [(j, u0), (j - 1, u0), (j + 1, u0)]
+    ks, scores, around = _grid_search(qmat, p, signed, buffer)
+    starts = torch.stack([_parabola(around[s], ks[s], log_grid) for s in range(len(signed))])
+    if patterns is not None:  # every pattern from its own best grid value, the best first
+        order = torch.argsort(scores, dim=0, descending=True)  # (S, V)
+        js = torch.stack(patterns).gather(0, order)
+        us = starts.gather(0, order)
+        candidates = [(js[s], us[s]) for s in range(len(patterns))]
+    elif not model.magnitude:
+        candidates = [(torch.zeros_like(ks[0]), starts[0])]
     else:  # seed model: its pattern at the best grid value, and the neighbours' where a null
         # lies within four grid steps (elsewhere f is smooth there and has no second minimum)
+        best_k, u0 = ks[0], starts[0]
         last = grid_pattern.numel() - 1
         j = grid_pattern[best_k]
         low = grid_pattern[(best_k - 4).clamp(0, last)]
@@ -342,14 +355,14 @@ def _fit_chunk(
     js = torch.cat([j for j, _ in candidates])
     us = torch.cat([u for _, u in candidates])
     if model.magnitude and patterns is None and n_c > 1:
-        keep = torch.cat([torch.ones_like(j, dtype=torch.bool), low < j, high > j])
+        keep = torch.cat([torch.ones_like(ks[0], dtype=torch.bool), low < j, high > j])
         cols = torch.nonzero(keep)[:, 0]
     else:
         cols = torch.arange(n_c * n_voxels, device=y.device)
     ys = y[:, cols % n_voxels]  # one column per (voxel, pattern) refined
     if model.magnitude:
         ys = ys * _pattern_signs(rank, js[cols], n, y.dtype)
-    with thread_policy(y.device, cols.numel() * n, small=2**20):
+    with thread_policy(y.device, cols.numel() * n, small=2**18):
         u, cost, c, _ = _refine(model, ys, us[cols], model.bounds, max_iter, tol, history, n_voxels)
     all_cost = torch.full((n_c * n_voxels,), torch.inf, dtype=y.dtype, device=y.device)
     all_u = torch.zeros_like(all_cost)
@@ -377,17 +390,12 @@ def _fit_chunk(
 def _flatten(
     data: torch.Tensor, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
-    _check_data(data)
     shape = data.shape[1:]
-    if mask is None:
-        mask_flat = torch.ones(shape.numel(), dtype=torch.bool, device=data.device)
-    elif tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)}")
-    else:
-        mask_flat = mask.flatten().to(data.device)
     voxels = data.reshape(data.shape[0], -1)
     if mask is None:
+        mask_flat = torch.ones(shape.numel(), dtype=torch.bool, device=data.device)
         return voxels, mask_flat, shape  # a view: no copy of the data
+    mask_flat = check_mask(mask, shape).to(data.device)
     return voxels[:, mask_flat], mask_flat, shape
 
 
@@ -451,17 +459,35 @@ def fit_varpro(
     -------
     FitResult
         Maps of the physical parameters (``model.derive``) and tau, with goodness of fit,
-        on the CPU; ``device`` says where the fit ran.
+        on the CPU; ``device`` says where the fit ran. Voxels with NaN or inf data, without
+        signal (all zero) or with tau on a bound fail and are counted (``failures``); the
+        bounds are ``model.bounds`` with Levenberg-Marquardt, the ends of the grid without.
+
+    Raises
+    ------
+    ValueError
+        For times that are not finite, negative or look like ms, empty data, a mask that
+        selects nothing, a bad grid, or a model whose number of times differs from the data's.
+
+    Notes
+    -----
+    Times out of order are sorted together with the data first (the polarity search needs
+    them in order); the result is that of the sorted series.
     """
-    voxels, mask_flat, shape = _flatten(data, mask)
+    data = check_data(data)
+    check_times(model.times, "TI" if model.nonlinear == "t1" else "TE")
     _check_model(model, data)
+    model, data = sort_model_times(model, data)
+    voxels, mask_flat, shape = _flatten(data, mask)
     device = data.device
     lo, hi = model.bounds
     if grid is None:
         points = 120 if lm_iterations == 0 else GRID_POINTS
         # exactly the bounds at both ends, so a voxel pinned there is recognised at once
         grid = torch.linspace(math.log(lo), math.log(hi), points, dtype=dtype, device=device).exp()
-    grid = grid.to(device=device, dtype=dtype)
+    grid = check_times(grid, f"grid of {model.nonlinear}").to(device=device, dtype=dtype)
+    if grid.numel() < 3 or not bool((grid > 0).all()):
+        raise ValueError(f"the grid needs at least 3 values, all > 0 s; got {grid.tolist()[:5]}")
     n, n_voxels = voxels.shape
     p = len(model.linear)
     rank = torch.argsort(torch.argsort(model.times.to(device)))  # time order of each point
@@ -476,7 +502,7 @@ def fit_varpro(
     per_voxel = grid.numel() * p * 4 + candidates * n * 8 * 12 + n * 8 * 4
     chunk = min(n_voxels, chunk_voxels(device, per_voxel)) or 1
     buffer = torch.empty(qmat.shape[0] * chunk, dtype=grid_dtype, device=device)
-    finite = torch.isfinite(voxels).all(0)
+    finite, has_signal = voxel_status(voxels)
     coefficients = torch.empty((p, n_voxels), dtype=dtype, device=device)
     tau = torch.empty(n_voxels, dtype=dtype, device=device)
     keep = data.dtype
@@ -485,20 +511,26 @@ def fit_varpro(
     inverse_diag = torch.empty((n_voxels, p + 1), dtype=keep, device=device)
     history_chunks: list[list[float]] = []
     bar = trange(0, n_voxels, chunk, desc="VarPro", disable=not progress, leave=False)
-    for start in bar:
-        sl = slice(start, start + chunk)
-        y = torch.where(finite[sl], voxels[:, sl].to(dtype), 0.0)
-        history: list[float] = []
-        c, t = _fit_chunk(
-            model, y, rank, qmat, log_grid, buffer, grid_pattern, lm_iterations, tol, history
-        )
-        history_chunks.append(history)
-        signal, jac = model.evaluate(c, t)
-        residual = (y - signal).T
-        rss[sl], r_squared[sl], inverse_diag[sl] = _goodness(residual, jac.permute(2, 0, 1), y.T)
-        coefficients[:, sl], tau[sl] = c, t
-    ok = finite & torch.isfinite(rss) & torch.isfinite(tau)
-    ok &= (tau > lo * (1 + 1e-6)) & (tau < hi * (1 - 1e-6))
+    # the grid's matrix products use the idle cores; the small operations of the refinement
+    # (its working set shrinks fast) run on one thread, see thread_policy
+    with thread_policy(device, chunk * n * p):
+        for start in bar:
+            sl = slice(start, start + chunk)
+            y = torch.where(finite[sl], voxels[:, sl].to(dtype), 0.0)
+            history: list[float] = []
+            c, t = _fit_chunk(
+                model, y, rank, qmat, log_grid, buffer, grid_pattern, lm_iterations, tol, history
+            )
+            history_chunks.append(history)
+            signal, jac = model.evaluate(c, t)
+            residual = (y - signal).T
+            rss[sl], r_squared[sl], inverse_diag[sl] = _goodness(
+                residual, jac.permute(2, 0, 1), y.T
+            )
+            coefficients[:, sl], tau[sl] = c, t
+    # A grid search alone cannot leave its grid: a voxel at either end is pinned there.
+    pinned = at_bound(tau, model.bounds if lm_iterations else (grid.min(), grid.max()))
+    ok = has_signal & torch.isfinite(rss) & torch.isfinite(tau) & ~pinned
     sigma = noise_sigma if noise_sigma is not None else _estimate_sigma(rss, ok, n - p - 1)
     params = {**model.derive(coefficients), model.nonlinear: tau}
     sd_unit = {name: inverse_diag[:, i].clamp_min(0).sqrt() for i, name in enumerate(model.linear)}
@@ -510,6 +542,7 @@ def fit_varpro(
     return _result(
         shape, mask_flat, ok, params, rss.sqrt(), r_squared, sd_unit, sigma, loss_history,
         device, data.dtype,
+        {"not finite": ~finite, "no signal": ~has_signal, "at a bound": pinned},
     )  # fmt: skip
 
 

@@ -22,6 +22,7 @@ import torch
 
 from . import epg
 from .fitting import FitResult
+from .validation import check_data, check_mask, check_times, count_failures, voxel_status
 
 __all__ = ["EPG_CHUNK_BYTES", "epg_dictionary", "fit_epg"]
 
@@ -65,9 +66,7 @@ def _flatten(data: torch.Tensor, mask: torch.Tensor | None):
     shape = data.shape[1:]
     if mask is None:
         mask = torch.ones(shape, dtype=torch.bool)
-    elif tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)}")
-    mask_flat = mask.flatten().to(data.device)
+    mask_flat = check_mask(mask, shape).to(data.device)
     voxels = einops.rearrange(data, "n ... -> n (...)")
     return voxels[:, mask_flat], mask_flat.cpu(), shape
 
@@ -314,9 +313,15 @@ def fit_epg(
         Maps ``m0`` (a.u.), ``t2`` (s) and ``b1`` (1), shape ``(...)``, with validity (T2
         inside the dictionary, B1 above its lower end, M0 > 0), residual norm, R² and
         Cramér-Rao SDs. ``loss_history`` holds the mean squared residual of the coarse
-        match, of the fine match and of the refined fit.
+        match, of the fine match and of the refined fit. Voxels with NaN or inf data, without
+        signal (all zero) or on the dictionary's edge fail and are counted (``failures``);
+        half-precision data are fitted in float32.
     """
+    data = check_data(data)  # half precision is fitted in float32
+    check_times(te, "TE")
     voxels, mask_flat, shape = _flatten(data, mask)
+    finite, has_signal = voxel_status(voxels)  # NaN/inf or all-zero voxels fail, counted
+    voxels = torch.where(finite, voxels, 0.0)
     esp = epg.cpmg_echo_spacing(te)
     n = int(torch.as_tensor(te).numel())
     if data.shape[0] != n:
@@ -346,7 +351,7 @@ def fit_epg(
                     out[name][part] = value
                 losses += chunk_losses
 
-    ok = torch.isfinite(out["rss"]) & (out["edge"] == 0) & (out["m0"] > 0)
+    ok = has_signal & torch.isfinite(out["rss"]) & (out["edge"] == 0) & (out["m0"] > 0)
     ok &= torch.isfinite(out["t2"]) & torch.isfinite(out["b1"])
     dof = n - 3
     if noise_sigma is None:
@@ -372,4 +377,7 @@ def fit_epg(
         noise_sigma=noise_sigma,
         loss_history=[float(v) / total for v in losses],
         device=device,
+        failures=count_failures(
+            ok, {"not finite": ~finite, "no signal": ~has_signal, "at a bound": out["edge"] != 0}
+        ),
     )

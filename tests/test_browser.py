@@ -356,3 +356,15 @@ def test_notebook_headings_have_no_emoji(script):
             for line in cell.source.splitlines():
                 if line.startswith("#"):
                     assert not EMOJI.search(line), f"{script.name}: {line!r}"
+
+
+def test_make_installs_chromium_only_where_missing_and_upgrades_nothing():
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile[makefile.index("\nbrowser:") : makefile.index("\ntest:")]
+    install = re.search(r"^APT_CHROMIUM := (.*)$", makefile, flags=re.MULTILINE).group(1)
+    assert install.split()[:2] == ["apt-get", "install"] and install.split()[-1] == "chromium"
+    assert {"--no-upgrade", "--no-install-recommends"} <= set(install.split())
+    assert "upgrade " not in recipe.replace("--no-upgrade", "").replace("would also upgrade", "")
+    # Only where Chromium is missing, and only after apt-get's own dry run shows no upgrade
+    assert recipe.index('if [ -x "$${QMRI_CHROMIUM') < recipe.index("apt-get update")
+    assert "$(APT_CHROMIUM) --simulate" in recipe and "grep '^Inst [^ ]* \\['" in recipe
