@@ -4,10 +4,13 @@ The model is :math:`S_n = M_0\, \mathrm{EPG}_n(T_2, B_1; T_1, ESP)` (:func:`.epg
 For every atom of a dictionary over (T2, B1) the amplitude :math:`M_0` has the closed form
 :math:`M_0 = \langle y, d\rangle / \langle d, d\rangle`, so the best atom is the one whose
 normalised curve has the largest dot product with the voxel's curve. The search is coarse to
-fine: a coarse sub-grid first, then the fine grid in a window around the coarse winner, then a
-parabola through the residuals of the best fine atom and its neighbours along each axis. The
-signal at the refined (T2, B1) is interpolated (bilinear in log T2 and B1) from the fine
-dictionary, which also gives the Jacobian for the Cramér-Rao standard deviations.
+fine: a coarse sub-grid first, then the fine grid in a window around the coarse winner, then
+the vertex of the quadratic through the residuals of the best fine atom's 3x3 neighbours (T2
+and B1 are correlated, so the valley need not run along an axis). The signal at the refined
+(T2, B1) is interpolated (bilinear in log T2 and B1) from the fine dictionary, which also gives
+the Jacobian for the Cramér-Rao standard deviations. :func:`fit_epg` returns the
+:class:`~qmri_helpers.fitting.FitResult` of the other solvers (it is importable from
+:mod:`qmri_helpers.fitting` too).
 """
 
 from __future__ import annotations
@@ -161,7 +164,7 @@ def _interpolate(grid, i, j, dt, db, yt) -> dict[str, torch.Tensor]:
 def _fit_chunk(
     y: torch.Tensor, grid: _Dictionary, half: int
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Fit the voxels ``y (n, v)``: coarse match, fine match, parabola, interpolated atom."""
+    """Fit the voxels ``y (n, v)``: coarse and fine match, quadratic vertex, interpolated atom."""
     dtype = y.dtype
     n_t2, n_b1 = grid.shape
     finite = torch.isfinite(y).all(0)
@@ -293,7 +296,7 @@ def fit_epg(
         :math:`2\pi - B_1 \alpha` give the same echoes, so values above 1 cannot be told apart
         from those below, and the range ends at 1 by default.
     t2_step
-        Relative step of the fine T2 grid (0.02: 2%; the parabola and the interpolation
+        Relative step of the fine T2 grid (0.02: 2%; the quadratic vertex and the interpolation
         refine within it).
     b1_step
         Step of the fine B1 grid.
