@@ -185,8 +185,14 @@ def _fit_chunk(
     ii = (i0[:, None] + offsets).clamp(0, n_t2 - 1)  # (v, w)
     jj = (j0[:, None] + offsets).clamp(0, n_b1 - 1)
     flat = grid.index(ii[:, :, None], jj[:, None, :]).reshape(len(i0), -1)  # (v, w*w)
-    projection = einops.einsum(grid.unit[flat], yt, "v k n, v n -> v k").clamp_min(0)
-    cost = energy[:, None] - projection**2  # residual sum of squares of each atom
+    # The residual energy - projection**2 cancels: in float32 its error (about 1e-7 of the
+    # energy) exceeds the differences between neighbouring atoms near the grids' ends, and then
+    # the order of the summation - set by the other voxels in the chunk - picks the atom.
+    # The window is small, so it is computed in float64.
+    projection = einops.einsum(
+        grid.unit[flat].double(), yt.double(), "v k n, v n -> v k"
+    ).clamp_min(0)
+    cost = energy.double()[:, None] - projection**2  # residual sum of squares of each atom
     del projection
     k = cost.argmin(1, keepdim=True)
     fine_rss = cost.gather(1, k)[:, 0]
@@ -200,7 +206,7 @@ def _fit_chunk(
     step = torch.tensor([-1, 0, 1], device=y.device)
     patch = (pa[:, None, None] + step[:, None]) * w + (pb[:, None, None] + step[None, :])
     c = einops.rearrange(cost.gather(1, patch.reshape(-1, 9)), "v (p q) -> p q v", p=3)
-    dt, db = _quadratic_vertex(c)
+    dt, db = (x.to(dtype) for x in _quadratic_vertex(c))
     # Only where the patch holds 3 distinct consecutive grid values along the axis.
     rows = ii.gather(1, torch.stack([pa - 1, pa, pa + 1], 1))
     cols = jj.gather(1, torch.stack([pb - 1, pb, pb + 1], 1))
