@@ -339,7 +339,7 @@ print(f"plate 5, 1.5 T vs 3 T: {fields.min():.1%} to {fields.max():.1%}")
 # - Keep `phantom_qa_t1.csv` with the scan date, and plot the spheres over time to see drift.
 #
 # ## Resources
-# - K. E. Stupic et al., *A standard system phantom for magnetic resonance imaging*, Magn.
+# - K. F. Stupic et al., *A standard system phantom for magnetic resonance imaging*, Magn.
 #   Reson. Med. 86:1194-1211 (2021).
 # - A. Boudreau et al., *Results of the ISMRM 2020 joint Reproducible Research & Quantitative
 #   MR study groups reproducibility challenge on phantom and human brain T1 mapping*, Magn.

@@ -421,5 +421,5 @@ assert with_t1["vs nominal (%)"].abs().median() < epg_error
 #   Magn. Reson. Med. 64:1005-1014 (2010).
 # - T. Prasloski et al., *Applications of stimulated echo correction to multicomponent T2
 #   analysis*, Magn. Reson. Med. 67:1803-1814 (2012).
-# - K. E. Stupic et al., *A standard system phantom for magnetic resonance imaging*, Magn.
+# - K. F. Stupic et al., *A standard system phantom for magnetic resonance imaging*, Magn.
 #   Reson. Med. 86:1194-1211 (2021); hazen (GSTT-CSC), Apache 2.0, for the scans.
