@@ -63,6 +63,7 @@ __all__ = [
     "PlateChoice",
     "choose_plate",
     "t1_model_for",
+    "load_qa_slice",
     "run_t1_qa",
 ]
 
@@ -265,6 +266,58 @@ class QAResult:
         )
 
 
+def load_qa_slice(
+    folder: str | Path,
+    check: Callable[[SeriesHeader], None],
+    reference: Callable[..., Reference],
+    slice_index: int | None = None,
+    serial: int | None = None,
+    temperature_c: float | None = None,
+) -> tuple[torch.Tensor, SeriesHeader, dict[int, Reference], list[Spheres]]:
+    """Load a QA series, check it, take one slice and find where its spheres may be.
+
+    The first steps of every QA pipeline (T1 here, T2 in :mod:`~qmri_helpers.t2_qa`).
+
+    Parameters
+    ----------
+    folder
+        Folder of the series.
+    check
+        Refuses a series that cannot give the quantity (e.g. :func:`check_series`).
+    reference
+        ``reference(plate, field_strength, serial, temperature_c)``, e.g.
+        :func:`~qmri_helpers.reference.reference_t1`.
+    slice_index, serial, temperature_c
+        As in :func:`run_t1_qa`.
+
+    Returns
+    -------
+    tuple
+        The slice ``(n_times, y, x)``, the header, the reference of each plate, and the
+        candidate sphere positions (:func:`~qmri_helpers.spheres.sphere_candidates`).
+
+    Raises
+    ------
+    ValueError
+        From ``check``, or when the files have no field strength or show no plate; the
+        message names the folder.
+    """
+    images, header = dicom.load_series(folder)
+    check(header)
+    slice_images = images[:, images.shape[1] // 2 if slice_index is None else slice_index]
+    try:
+        if header.field_strength is None:
+            raise ValueError(
+                "the files have no MagneticFieldStrength, so the nominal values (1.5 or 3 T) "
+                "cannot be chosen"
+            )
+        references = {p: reference(p, header.field_strength, serial, temperature_c) for p in PLATES}
+        candidates = sphere_candidates(slice_images, header.pixel_spacing[0])
+    except ValueError as error:
+        raise ValueError(f"{Path(folder)}: {error}") from None
+    return slice_images, header, references, candidates
+
+
 def run_t1_qa(
     folder: str | Path,
     tolerance: float = 0.10,
@@ -330,24 +383,11 @@ def run_t1_qa(
     """
     if plate not in (None, *PLATES):
         raise ValueError(f"{folder}: plate must be None, 4 or 5, got {plate!r}")
-    images, header = dicom.load_series(folder)
     where = Path(folder)
-    check_series(header)
+    slice_images, header, references, candidates = load_qa_slice(
+        folder, check_series, reference_t1, slice_index, serial, temperature_c
+    )
     model = model_for(header)
-    z = images.shape[1] // 2 if slice_index is None else slice_index
-    slice_images = images[:, z]
-    try:
-        if header.field_strength is None:
-            raise ValueError(
-                "the files have no MagneticFieldStrength, so the nominal values (1.5 or 3 T) "
-                "cannot be chosen"
-            )
-        references = {
-            p: reference_t1(p, header.field_strength, serial, temperature_c) for p in PLATES
-        }
-        candidates = sphere_candidates(slice_images, header.pixel_spacing[0])
-    except ValueError as error:
-        raise ValueError(f"{where}: {error}") from None
     data = slice_images[:, None]
     fit = fitting.fit_lm(model, data, mask=fitting.signal_mask(data))
     t1_map, sd_map = fit.params["t1"][0], fit.sd["t1"][0]

@@ -19,12 +19,12 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from . import dicom, fitting, qa_report
+from . import fitting, qa_report
 from .dicom import SeriesHeader
 from .epg import cpmg_echo_spacing
-from .phantom_qa import PlateChoice, choose_plate
-from .reference import PLATES, Reference, reference_t1, reference_t2
-from .spheres import OrientationError, Spheres, label_by_values, roi_values, sphere_candidates
+from .phantom_qa import PlateChoice, choose_plate, load_qa_slice
+from .reference import Reference, reference_t1, reference_t2
+from .spheres import OrientationError, Spheres, label_by_values, roi_values
 from .t2_fitting import fit_epg
 
 __all__ = [
@@ -231,23 +231,10 @@ def run_t2_qa(
     """
     if t1 != "nominal" and not (isinstance(t1, int | float) and t1 > 0):
         raise ValueError(f"t1 must be a positive time in s or 'nominal', got {t1!r}")
-    images, header = dicom.load_series(folder)
     where = Path(folder)
-    check_t2_series(header)
-    z = images.shape[1] // 2 if slice_index is None else slice_index
-    slice_images = images[:, z]
-    try:
-        if header.field_strength is None:
-            raise ValueError(
-                "the files have no MagneticFieldStrength, so the nominal values (1.5 or 3 T) "
-                "cannot be chosen"
-            )
-        references = {
-            p: reference_t2(p, header.field_strength, serial, temperature_c) for p in PLATES
-        }
-        candidates = sphere_candidates(slice_images, header.pixel_spacing[0])
-    except ValueError as error:
-        raise ValueError(f"{where}: {error}") from None
+    slice_images, header, references, candidates = load_qa_slice(
+        folder, check_t2_series, reference_t2, slice_index, serial, temperature_c
+    )
     data = slice_images[:, None]
     mask = fitting.signal_mask(data)
     fit = fit_epg(data, header.te, t1=1.0 if t1 == "nominal" else float(t1), mask=mask)
