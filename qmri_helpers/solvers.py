@@ -168,12 +168,15 @@ def _profile(
 
 
 def _grid_basis(model: SeparableModel, grid: torch.Tensor, absolute: bool) -> torch.Tensor:
-    """Orthonormal bases of the grid values, as one matrix ``(K * p, n)`` for a matmul."""
+    """Orthonormal bases of the grid values, as one matrix ``(n, p * K)`` for a matmul.
+
+    Column ``i * K + k`` is the i-th orthonormal basis vector of grid value k.
+    """
     basis = model.dictionary(grid)  # (n, p, K)
     if absolute:
         basis = basis.abs()
     q = torch.linalg.qr(basis.permute(2, 0, 1)).Q  # (K, n, p)
-    return q.transpose(1, 2).reshape(-1, basis.shape[0])
+    return q.permute(1, 2, 0).reshape(basis.shape[0], -1)
 
 
 def _grid_search(
@@ -183,22 +186,24 @@ def _grid_search(
 
     ``signed`` holds the data of each sign pattern, ``(n, V)`` each. The score is
     :math:`\|P_k s y\|^2`, the largest score the least cost. ``buffer`` holds the
-    ``(K * p, V)`` projections and is reused from pattern to pattern and chunk to chunk.
-    Returns tensors of shape ``(S, V)``, ``(S, V)`` and ``(S, 3, V)``.
+    ``(V, p * K)`` projections and is reused from pattern to pattern and chunk to chunk; the
+    voxels run along its rows, so the search over the grid reduces contiguous memory (about
+    twice as fast on a CPU as along the columns). Returns tensors of shape ``(S, V)``,
+    ``(S, V)`` and ``(S, 3, V)``.
     """
-    n_grid = qmat.shape[0] // p
+    n_grid = qmat.shape[1] // p
     best_k, best, around = [], [], []
     for ys in signed:
-        out = buffer[: qmat.shape[0] * ys.shape[1]].view(qmat.shape[0], ys.shape[1])
-        projection = torch.matmul(qmat, ys.to(qmat.dtype), out=out)
+        out = buffer[: qmat.shape[1] * ys.shape[1]].view(ys.shape[1], qmat.shape[1])
+        projection = torch.matmul(ys.T.to(qmat.dtype), qmat, out=out)
         scores = projection.square_()
         if p > 1:
-            scores = scores.reshape(n_grid, p, -1).sum(1)
-        score, k = scores.max(0)
+            scores = scores.view(-1, p, n_grid).sum(1)
+        score, k = scores.max(1)
         inner = k.clamp(1, n_grid - 2)
         best_k.append(k)
         best.append(score)
-        around.append(scores.gather(0, torch.stack([inner - 1, inner, inner + 1])))
+        around.append(scores.gather(1, torch.stack([inner - 1, inner, inner + 1], 1)).T)
     dtype = signed[0].dtype
     return torch.stack(best_k), torch.stack(best).to(dtype), torch.stack(around).to(dtype)
 
@@ -501,7 +506,7 @@ def fit_varpro(
     candidates = 3 if model.magnitude and lm_iterations else 1
     per_voxel = grid.numel() * p * 4 + candidates * n * 8 * 12 + n * 8 * 4
     chunk = min(n_voxels, chunk_voxels(device, per_voxel)) or 1
-    buffer = torch.empty(qmat.shape[0] * chunk, dtype=grid_dtype, device=device)
+    buffer = torch.empty(qmat.shape[1] * chunk, dtype=grid_dtype, device=device)
     finite, has_signal = voxel_status(voxels)
     coefficients = torch.empty((p, n_voxels), dtype=dtype, device=device)
     tau = torch.empty(n_voxels, dtype=dtype, device=device)
