@@ -119,6 +119,18 @@ def _inverse_times(gram: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(gram.permute(2, 0, 1), b.T[..., None])[..., 0].T
 
 
+def _symmetric_dots(x: torch.Tensor) -> torch.Tensor:
+    """The dot products over the first axis of the columns of ``x (n, p, A)``: ``(p, p, A)``.
+
+    Each pair once (i <= j), the other triangle by symmetry.
+    """
+    p = x.shape[1]
+    dots = {(i, j): (x[:, i] * x[:, j]).sum(0) for i in range(p) for j in range(i, p)}
+    return torch.stack(
+        [torch.stack([dots[min(i, j), max(i, j)] for j in range(p)]) for i in range(p)]
+    )
+
+
 def _profile(
     model: SeparableModel, ys: torch.Tensor, u: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -140,16 +152,13 @@ def _profile(
     tau = u.exp()
     phi, dphi = model.basis_fn(tau)  # (n, p, A)
     p = phi.shape[1]
-    # the dot products over the n time points, one product and one sum each: no copies
-    gram = torch.stack(
-        [torch.stack([(phi[:, i] * phi[:, j]).sum(0) for j in range(p)]) for i in range(p)]
-    )  # (p, p, A)
+    # the dot products over the n time points, one product and one sum each: no copies;
+    # the Gram matrices are symmetric, so only their upper triangles are computed
+    gram = _symmetric_dots(phi)  # (p, p, A)
     cross = torch.stack(
         [torch.stack([(phi[:, i] * dphi[:, j]).sum(0) for j in range(p)]) for i in range(p)]
     )
-    dd = torch.stack(
-        [torch.stack([(dphi[:, i] * dphi[:, j]).sum(0) for j in range(p)]) for i in range(p)]
-    )
+    dd = _symmetric_dots(dphi)
     b = torch.stack([(phi[:, i] * ys).sum(0) for i in range(p)])  # (p, A)
     dy = torch.stack([(dphi[:, i] * ys).sum(0) for i in range(p)])
     yy = (ys * ys).sum(0)
