@@ -15,33 +15,20 @@ the Jacobian for the Cramér-Rao standard deviations. :func:`fit_epg` returns th
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import einops
 import torch
 
 from . import epg
-from .fitting import FitResult
+from .fitting import FitResult, _flush_denormals
 from .validation import check_data, check_mask, check_times, count_failures, voxel_status
 
 __all__ = ["EPG_CHUNK_BYTES", "epg_dictionary", "fit_epg"]
 
 #: Working memory that one chunk of voxels may use (bytes).
 EPG_CHUNK_BYTES = 128 * 2**20
-
-
-@contextlib.contextmanager
-def _flush_denormals() -> Iterator[None]:
-    """Subnormal floats as zero inside the block (on the CPU they are ~50x slower)."""
-    changed = torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        if changed:
-            torch.set_flush_denormal(False)
 
 
 def epg_dictionary(
