@@ -192,6 +192,18 @@ def _check_plate(plate: int) -> int:
     return int(plate)
 
 
+def _assumptions(
+    serial: int | None, temperature_c: float | None
+) -> tuple[int, float, list[str], bool]:
+    """Version, temperature (°C), the notes on what was assumed, and whether 20 °C was."""
+    version, said = _version(serial)
+    notes = [said] if said else []
+    if temperature_c is None:
+        notes.append("20 °C assumed (no temperature given)")
+        return version, 20.0, notes, True
+    return version, float(temperature_c), notes, False
+
+
 def _version(serial: int | None) -> tuple[int, str]:
     if serial is None:
         return 1, "version 1 assumed (no serial number given)"
@@ -260,13 +272,7 @@ def reference_t1(
         14 values in s, with the assumptions made.
     """
     plate, field = _check_plate(plate), _tabulated_field(field_strength)
-    version, said = _version(serial)
-    notes = [said] if said else []
-    assumed_temperature = temperature_c is None
-    if temperature_c is None:
-        temperature_c = 20.0
-        notes.append("20 °C assumed (no temperature given)")
-    temperature_c = float(temperature_c)
+    version, temperature_c, notes, assumed_temperature = _assumptions(serial, temperature_c)
     values = np.asarray(T1_V1_MS[plate, field], float)
     if plate == 5:
         v2_20 = np.asarray(PLATE5_T1_V2_3T_MS[20.0])
@@ -302,16 +308,11 @@ def reference_t2(
     Parameters as for :func:`reference_t1`.
     """
     plate, field = _check_plate(plate), _tabulated_field(field_strength)
-    version, said = _version(serial)
-    notes = [said] if said else []
-    assumed_temperature = temperature_c is None
-    if temperature_c is None:
-        temperature_c = 20.0
-        notes.append("20 °C assumed (no temperature given)")
-    if version == 2 or float(temperature_c) != 20.0:
+    version, temperature_c, notes, assumed_temperature = _assumptions(serial, temperature_c)
+    if version == 2 or temperature_c != 20.0:
         notes.append("T2: the version-1 20 °C values (no other table is published)")
     values = np.asarray(T2_V1_MS[plate, field], float) / 1000
     return Reference(
-        "T2", plate, field, version, float(temperature_c), tuple(values), FILL_T2_MS / 1000,
+        "T2", plate, field, version, temperature_c, tuple(values), FILL_T2_MS / 1000,
         "; ".join(notes), serial is None, assumed_temperature,
     )  # fmt: skip
