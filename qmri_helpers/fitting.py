@@ -512,24 +512,28 @@ def fit_adam(
         k: from_param(v.clamp_min(1e-12)).clone().requires_grad_(True) for k, v in starts.items()
     }
     optimizer = _adam(list(theta.values()), lr)
-    losses = torch.empty(n_iter, dtype=target.dtype, device=device)  # one number per step
+    n_voxels = max(1, target.shape[1])
+    # The loss of a step is the sum of the voxels' own MSEs (the mean over all numbers times the
+    # number of voxels): each voxel's gradient is that of its own fit, whatever the number of
+    # voxels. It is kept on the device, one number per step, and read once at the end.
+    losses = torch.empty(n_iter, dtype=target.dtype, device=device)
     bar = trange(n_iter, desc="Adam fit", disable=not progress, leave=False)
     with thread_policy(device, target.numel()):
         for step in bar:
             optimizer.zero_grad()
             prediction = model(**{k: to_param(v) for k, v in theta.items()})
-            per_voxel = mse(prediction, target, dim=0)
-            per_voxel.sum().backward()
+            loss = mse(prediction, target) * n_voxels
+            loss.backward()
             optimizer.step()
-            losses[step] = per_voxel.detach().mean()
+            losses[step] = loss.detach()
             if callback is not None:
                 with torch.no_grad():
                     current = {k: to_param(v) for k, v in theta.items()}
                     current["m0"] = current["m0"] * scale
                     callback(step, current)
             if progress and step % 100 == 0:
-                bar.set_postfix(loss=f"{float(losses[step] * scale**2):.4g}")
-    history = (losses * scale**2).tolist()
+                bar.set_postfix(loss=f"{float(losses[step] * scale**2 / n_voxels):.4g}")
+    history = (losses * (scale**2 / n_voxels)).tolist()
 
     with torch.no_grad():
         fitted = {k: to_param(v) for k, v in theta.items()}
