@@ -120,6 +120,30 @@ def test_mask_limits_the_fit():
     assert result.n_failed == 0
 
 
+def test_loss_history_is_the_mse_of_the_fitted_voxels_in_data_units():
+    """Step k's loss is the MSE at the parameters before step k, over the masked voxels only."""
+    ti = torch.tensor([0.05, 0.1, 0.3, 0.8, 2.0])
+    model = models.inversion_recovery(ti)
+    m0 = torch.tensor([[100.0, 2000.0, 40.0], [700.0, 5.0, 300.0]])
+    data = model(m0=m0, t1=torch.tensor([[0.5, 1.2, 0.2], [0.9, 0.3, 2.0]]))
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    start = {"m0": m0 * 0.9, "t1": torch.full((2, 3), 0.7)}
+    seen = []
+    result = fitting.fit_adam(
+        model, data, start, n_iter=3, mask=mask, progress=False,
+        callback=lambda step, params: seen.append({k: v.clone() for k, v in params.items()}),
+    )  # fmt: skip
+    # the start values, then the parameters after steps 0 and 1, evaluated in float64 by numpy
+    states = [{k: v[mask] for k, v in start.items()}, *seen[:2]]
+    measured = data[:, mask].double().numpy()
+    tis = ti.double().numpy()[:, None]
+    for loss, state in zip(result.loss_history, states, strict=True):
+        p_m0, p_t1 = (state[k].double().numpy() for k in ("m0", "t1"))
+        expected = np.mean((np.abs(p_m0 * (1 - 2 * np.exp(-tis / p_t1))) - measured) ** 2)
+        assert loss == pytest.approx(expected, rel=1e-4)
+    assert len(result.loss_history) == 3
+
+
 def test_fit_runs_on_the_requested_device():
     ti = torch.tensor([0.1, 1.0])
     model = models.inversion_recovery(ti)

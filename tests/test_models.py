@@ -48,3 +48,28 @@ def test_mse_and_its_gradient_compose_with_the_model():
 def test_mse_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match=r"prediction \(3, 2\) and data \(2, 3\) differ"):
         models.mse(torch.ones(3, 2), torch.ones(2, 3))
+
+
+def test_mse_value_and_gradient_match_the_closed_form():
+    prediction = torch.tensor([[1.0, 2.0], [3.0, -4.0]], requires_grad=True)
+    data = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    loss = models.mse(prediction, data)
+    loss.backward()
+    assert loss.item() == pytest.approx((1 + 1 + 4 + 16) / 4)
+    # d/dp mean((p - d)^2) = 2 (p - d) / N
+    assert prediction.grad.flatten().tolist() == pytest.approx([0.5, 0.5, 1.0, -2.0])
+
+
+@pytest.mark.parametrize("magnitude", [True, False])
+def test_ir_signal_gradient_matches_the_closed_form(magnitude):
+    ti = torch.tensor([0.05, 0.3, 0.9, 2.5], dtype=torch.float64)
+    m0 = torch.tensor([800.0, 20.0], dtype=torch.float64, requires_grad=True)
+    t1 = torch.tensor([0.25, 1.7], dtype=torch.float64, requires_grad=True)
+    models.ir_signal(m0, t1, ti, magnitude).sum().backward()
+    decay = torch.exp(-ti[:, None] / t1.detach())
+    signed = m0.detach() * (1 - 2 * decay)
+    sign = torch.sign(signed) if magnitude else torch.ones_like(signed)
+    # dS/dM0 = 1 - 2 e^(-TI/T1); dS/dT1 = -2 M0 e^(-TI/T1) TI / T1^2
+    assert torch.allclose(m0.grad, (sign * (1 - 2 * decay)).sum(0), rtol=1e-12)
+    expected = (sign * -2 * m0.detach() * decay * ti[:, None] / t1.detach() ** 2).sum(0)
+    assert torch.allclose(t1.grad, expected, rtol=1e-12)
