@@ -358,7 +358,15 @@ def _goodness(
     rss = (residual**2).sum(-1)
     tss = ((data - data.mean(-1, keepdim=True)) ** 2).sum(-1)
     r_squared = 1 - rss / tss.clamp_min(torch.finfo(data.dtype).tiny)
-    fisher = jacobian.transpose(-1, -2) @ jacobian
+    q = jacobian.shape[-1]
+    if q <= 4:  # sums of products: batched 2x2 or 3x3 matrix products are slow (on a GPU too)
+        cols = jacobian.unbind(-1)
+        dots = {(i, j): (cols[i] * cols[j]).sum(-1) for i in range(q) for j in range(i, q)}
+        fisher = torch.stack(
+            [torch.stack([dots[min(i, j), max(i, j)] for j in range(q)], -1) for i in range(q)], -2
+        )
+    else:
+        fisher = jacobian.transpose(-1, -2) @ jacobian
     eye = torch.eye(fisher.shape[-1], dtype=fisher.dtype, device=fisher.device)
     ridge = 1e-12 * fisher.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-30)
     inverse_diag = _inverse_diagonal(fisher + ridge[:, None, None] * eye)
