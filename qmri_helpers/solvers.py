@@ -63,7 +63,7 @@ __all__ = ["CHUNK_BYTES", "chunk_voxels", "fit_lm", "fit_varpro"]
 #: Working memory of one chunk of voxels, per device type (bytes): on a CPU about 70k voxels
 #: (a 256x256 slice in one chunk, the per-operation overhead paid once); a GPU is
 #: launch-bound, so it takes as much as fits.
-CHUNK_BYTES = {"cpu": 256 * 2**20, "cuda": 8 * 2**30}
+CHUNK_BYTES = {"cpu": 256 * 2**20, "cuda": 64 * 2**30}
 #: Default number of grid values over the bounds of tau (log-spaced), for refined fits.
 GRID_POINTS = 80
 #: Largest step of ln(tau) in one iteration: about two grid spacings.
