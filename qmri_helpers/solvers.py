@@ -79,13 +79,13 @@ CACHE_ELEMENTS = 2**18
 def chunk_voxels(device: torch.device, bytes_per_voxel: int) -> int:
     """Voxels per chunk on ``device``, each using ``bytes_per_voxel``.
 
-    The budget is :data:`CHUNK_BYTES` for the device's type, or on a GPU a quarter of its free
+    The budget is :data:`CHUNK_BYTES` for the device's type, or on a GPU half of its free
     memory if that is less.
     """
     budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = min(budget, free // 4)
+        budget = min(budget, free // 2)
     return max(1024, int(budget // max(1, bytes_per_voxel)))
 
 
@@ -275,7 +275,7 @@ def _refine(
     model: SeparableModel,
     ys: torch.Tensor,
     u: torch.Tensor,
-    bounds: tuple[float, float],
+    bounds: tuple[float | torch.Tensor, float | torch.Tensor],
     max_iter: int,
     tol: float,
     history: list[torch.Tensor] | None,
@@ -283,13 +283,15 @@ def _refine(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Minimise the pattern costs of ``ys (n, A)`` over ``u = ln tau`` from ``u (A,)``.
 
+    ``bounds`` on tau (s) are numbers, or tensors ``(A,)`` with bounds per column.
+
     Each column keeps its own damping factor and leaves the working set once its step is below
     ``tol`` (in ln tau, i.e. relative in tau) or its Newton decrement says the cost cannot fall
     by more than 1e-10 of itself, and at once when it sits on a bound and the cost still falls
     beyond it. ``history`` gets the summed cost of the first ``n_main`` columns after each
     iteration. Returns u, cost, coefficients ``(p, A)`` and iterations ``(A,)``.
     """
-    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    lo, hi = (torch.as_tensor(b, dtype=u.dtype, device=u.device).log().expand_as(u) for b in bounds)
     u = u.clamp(lo, hi)
     yy = (ys * ys).sum(0)
     fa, ga, ha, ca = _profile(model, ys, u, yy)
@@ -309,8 +311,8 @@ def _refine(
     if not bool(going.all()):
         finished = finished + (fa * main)[~going].sum()
         keep = torch.nonzero(going)[:, 0]  # one index for all: one device sync, not ten
-        index, ua, ya, yy, fa, ga, ha, ca, lam, radius, main = (
-            x[..., keep] for x in (index, ua, ya, yy, fa, ga, ha, ca, lam, radius, main)
+        index, ua, ya, yy, fa, ga, ha, ca, lam, radius, main, lo, hi = (
+            x[..., keep] for x in (index, ua, ya, yy, fa, ga, ha, ca, lam, radius, main, lo, hi)
         )
     if history is not None:
         history.append(finished + (fa * main).sum())
@@ -346,13 +348,12 @@ def _refine(
             history.append(finished + (fa * main).sum())
         # drop the finished columns once they are worth a copy of the working set (an eighth)
         if int(done.sum()) * 8 >= index.numel():
-            finished_index = index[done]
-            u[finished_index], cost[finished_index] = ua[done], fa[done]
-            c[:, finished_index] = ca[:, done]
-            finished = finished + (fa * main)[done].sum()
+            gone = torch.nonzero(done)[:, 0]
+            u[index[gone]], cost[index[gone]], c[:, index[gone]] = ua[gone], fa[gone], ca[:, gone]
+            finished = finished + (fa * main)[gone].sum()
             keep = torch.nonzero(~done)[:, 0]
-            index, ua, ya, yy, fa, ga, ha, ca, lam, radius, main = (
-                x[..., keep] for x in (index, ua, ya, yy, fa, ga, ha, ca, lam, radius, main)
+            index, ua, ya, yy, fa, ga, ha, ca, lam, radius, main, lo, hi = (
+                x[..., keep] for x in (index, ua, ya, yy, fa, ga, ha, ca, lam, radius, main, lo, hi)
             )
     u[index], cost[index], c[:, index] = ua, fa, ca
     return u, cost, c, iterations
@@ -370,19 +371,73 @@ def _refine_candidates(
     us: torch.Tensor,
     max_iter: int,
     tol: float,
-    history: list[torch.Tensor] | None,
-    n_main: int,
+    history: list[torch.Tensor] | None = None,
+    n_main: int = 0,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Refine one column per (voxel, pattern) candidate: ``y[:, voxels]`` with pattern ``js``.
 
-    Returns ln tau, cost and coefficients ``(p, A)`` of each candidate.
+    ``bounds`` on tau per candidate, else the model's. Returns ln tau, cost and coefficients
+    ``(p, A)`` of each candidate.
     """
     ys = y[:, voxels]
     if js is not None:
         ys = _with_pattern(ys, rank, js, y.shape[0])
     with thread_policy(y.device, voxels.numel() * y.shape[0], small=2**18):
-        u, cost, c, _ = _refine(model, ys, us, model.bounds, max_iter, tol, history, n_main)
+        u, cost, c, _ = _refine(
+            model, ys, us, bounds or model.bounds, max_iter, tol, history, n_main
+        )
     return u, cost, c
+
+
+def _kinks(model: SeparableModel, grid_pattern: torch.Tensor, log_grid: torch.Tensor):
+    """Ln tau of the nulls of the seed model's curve, where its sign pattern changes, or None.
+
+    Found by bisection between the grid values where the sign of a point changes; None when
+    the pattern is not the number of nulls below tau (then no segment bounds are used).
+    """
+    signs = model.basis(log_grid.exp())[:, 0] < 0  # (n, K)
+    changes = signs[:, 1:] != signs[:, :-1]
+    points = torch.nonzero(changes.sum(1) == 1)[:, 0]
+    if points.numel() != int(changes.sum()):  # a point changes sign more than once
+        return None
+    k = changes[points].int().argmax(1)
+    a, b = log_grid[k], log_grid[k + 1]
+    low_sign = signs[points, k]
+    order = torch.arange(points.numel(), device=log_grid.device)
+    for _ in range(48):  # the bracket shrinks to 1e-15 of a grid step
+        mid = 0.5 * (a + b)
+        same = (model.basis(mid.exp())[points, 0, order] < 0) == low_sign  # point i at mid_i
+        a, b = torch.where(same, mid, a), torch.where(same, b, mid)
+    kinks = torch.sort(0.5 * (a + b)).values
+    if not bool((torch.searchsorted(kinks, log_grid) == grid_pattern).all()):
+        return None
+    return kinks
+
+
+def _take_better(
+    best: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    voxels: torch.Tensor,
+    found: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+) -> None:
+    """Where a candidate of ``voxels`` has a lower cost than the voxel's best, take it.
+
+    ``best`` and ``found`` hold cost ``(V,)``/``(A,)``, ln tau, coefficients ``(p, ...)`` and
+    pattern; ``best`` is updated in place. Of several better candidates of one voxel the least
+    cost wins, and of equal ones the first.
+    """
+    cost, u, c, j = found
+    least = torch.full_like(best[0], torch.inf).scatter_reduce(0, voxels, cost, "amin")
+    winner = torch.nonzero((cost == least[voxels]) & (cost < best[0][voxels]))[:, 0]
+    if winner.numel() == 0:
+        return
+    none = voxels.numel()
+    first = torch.full_like(best[3], none).scatter_reduce(0, voxels[winner], winner, "amin")
+    take = torch.nonzero(first < none)[:, 0]
+    pick = first[take]
+    best[0][take], best[1][take], best[2][:, take], best[3][take] = (
+        cost[pick], u[pick], c[:, pick], j[pick]
+    )  # fmt: skip
 
 
 def _seed_pattern(model: SeparableModel, tau: torch.Tensor, n: int) -> torch.Tensor:
@@ -398,13 +453,15 @@ def _fit_chunk(
     log_grid: torch.Tensor,
     buffer: torch.Tensor,
     grid_pattern: torch.Tensor,
+    kinks: torch.Tensor | None,
     max_iter: int,
     tol: float,
     history: list[torch.Tensor] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Coefficients ``(p, V)`` and tau ``(V,)`` of the voxels ``y (n, V)`` (float64).
 
-    ``grid_pattern (K,)`` holds the sign pattern of the seed model's curve at each grid value.
+    ``grid_pattern (K,)`` holds the sign pattern of the seed model's curve at each grid value,
+    ``kinks`` the ln tau of its nulls (see :func:`_kinks`).
     """
     n, n_voxels = y.shape
     p = len(model.linear)
@@ -426,65 +483,33 @@ def _fit_chunk(
         order = torch.argsort(scores, dim=0, descending=True)  # (S, V)
         js = torch.stack(patterns).gather(0, order)
         us = starts.gather(0, order)
-        candidates = [(js[s], us[s], every) for s in range(len(patterns))]
-    elif not seed:
-        candidates = [(None, starts[0], every)]
-    elif not max_iter:  # the grid alone: the pattern of the best grid value
-        candidates = [(grid_pattern[ks[0]], starts[0], every)]
-    else:  # seed model: its pattern at the best grid value, and a neighbour's where a null
-        # lies within KINK_STEPS grid steps and a grid value past it scores nearly as well
-        # (two nearly equal minima either side of the kink): within KINK_MARGIN times the
-        # drop of the score from the best grid value to its neighbours, which a minimum
-        # between two grid values can hide
-        best_k, u0 = ks[0], starts[0]
-        last = grid_pattern.numel() - 1
-        j = grid_pattern[best_k]
-        offsets = torch.arange(-width, width + 1, device=device)[:, None]
-        near = grid_pattern[(best_k + offsets).clamp(0, last)]  # (2w + 1, V)
-        drop = (around[0, 1] - 0.5 * (around[0, 0] + around[0, 2])).clamp_min(0)
-        close = window[0] >= scores[0] - KINK_MARGIN * drop
-        below = torch.nonzero(((near < j) & close).any(0))[:, 0]
-        above = torch.nonzero(((near > j) & close).any(0))[:, 0]
-        candidates = [(j, u0, every), (j[below] - 1, u0[below], below)]
-        candidates.append((j[above] + 1, u0[above], above))
-    if max_iter == 0:  # the grid alone: the pattern of the best grid value
-        candidates = candidates[:1]
-    voxels = torch.cat([v for _, _, v in candidates])
-    js = None if candidates[0][0] is None else torch.cat([j for j, _, _ in candidates])
-    u, cost, c = _refine_candidates(
-        model, y, rank, voxels, js, torch.cat([u for _, u, _ in candidates]), max_iter, tol,
-        history, n_voxels,
-    )  # fmt: skip
-    # the best candidate of each voxel: the candidates of one voxel come in order, the first
-    # of each is the voxel's own (all voxels, in order), so a scatter of the least cost does it
-    best_cost = torch.full((n_voxels,), torch.inf, dtype=y.dtype, device=device)
-    best_cost.scatter_reduce_(0, voxels, cost, "amin")
-    winner = torch.nonzero(cost == best_cost[voxels])[:, 0]
-    pick = torch.full((n_voxels,), voxels.numel(), dtype=torch.long, device=device)
-    pick.scatter_reduce_(0, voxels[winner], winner, "amin")  # ties: the first candidate
-    u_best, coefficients = u[pick], c[:, pick]
-    if seed and max_iter:
-        # the explicit kink check: the cost of a pattern bounds the true cost from above and
-        # equals it only where the curve has that pattern; a minimum found outside its own
-        # pattern means a lower cost lies in the pattern there, which is refined in turn
-        j_best = js[pick]
-        for _ in range(KINK_ROUNDS):
-            own = _seed_pattern(model, u_best.exp(), n)
-            moved = torch.nonzero(own != torch.remainder(j_best, n))[:, 0]
-            if moved.numel() == 0:
-                break
-            u2, cost2, c2 = _refine_candidates(
-                model, y, rank, moved, own[moved], u_best[moved], max_iter, tol, None, 0
-            )
-            better = cost2 < best_cost[moved]
-            take = moved[better]
-            u_best[take], coefficients[:, take] = u2[better], c2[:, better]
-            best_cost[take], j_best[take] = cost2[better], own[moved][better]
-            # a voxel whose own pattern gave no lower cost keeps its result: stop checking it
-            j_best[moved[~better]] = own[moved][~better]
-    if history is not None and len(candidates) > 1:
-        history.append(best_cost.sum())  # after the kink check
-    tau = u_best.exp()
+        if max_iter == 0:  # the grid alone: the pattern of the best grid value
+            js, us = js[:1], us[:1]
+        voxels = every.repeat(js.shape[0])
+        u, cost, c = _refine_candidates(
+            model, y, rank, voxels, js.reshape(-1), us.reshape(-1), max_iter, tol, history,
+            n_voxels,
+        )  # fmt: skip
+        best = (cost[:n_voxels], u[:n_voxels], c[:, :n_voxels], js[0])
+        if js.shape[0] > 1:
+            _take_better(
+                best,
+                voxels[n_voxels:],
+                (cost[n_voxels:], u[n_voxels:], c[:, n_voxels:], js[1:].reshape(-1)),
+            )  # noqa: E501
+            if history is not None:
+                history.append(best[0].sum())  # after the kink check
+    else:
+        j = grid_pattern[ks[0]] if seed else torch.zeros_like(ks[0])
+        u, cost, c = _refine_candidates(
+            model, y, rank, every, j if seed else None, starts[0], max_iter, tol, history,
+            n_voxels,
+        )  # fmt: skip
+        best = (cost, u, c, j.clone())
+        if seed and max_iter:
+            _seed_kink_check(model, y, rank, best, ks[0], scores[0], around[0], window[0],
+                             grid_pattern, log_grid, kinks, max_iter, tol, history)  # fmt: skip
+    coefficients, tau = best[2], best[1].exp()
     if model.magnitude:
         # the overall sign is free: the seed's M0 is positive, other curves end positive
         if patterns is None:
@@ -494,6 +519,81 @@ def _fit_chunk(
             flip = (last * coefficients).sum(0) < 0
             coefficients = torch.where(flip, -coefficients, coefficients)
     return coefficients, tau
+
+
+def _seed_kink_check(
+    model: SeparableModel,
+    y: torch.Tensor,
+    rank: torch.Tensor,
+    best: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    best_k: torch.Tensor,
+    score: torch.Tensor,
+    around: torch.Tensor,
+    window: torch.Tensor,
+    grid_pattern: torch.Tensor,
+    log_grid: torch.Tensor,
+    kinks: torch.Tensor | None,
+    max_iter: int,
+    tol: float,
+    history: list[torch.Tensor] | None,
+) -> None:
+    """The seed model's kink check, updating ``best`` (cost, ln tau, coefficients, pattern).
+
+    1. Neighbouring patterns: where a null lies within KINK_STEPS grid steps of the best grid
+       value and a grid value past it scores within KINK_MARGIN times the drop of the score
+       from the best grid value to its neighbours (a minimum between two grid values can
+       hide that much), the pattern past the null is refined too, from its best grid value
+       there, and within its own segment between two nulls (``kinks``, ln tau): where its
+       cost falls towards the null, the segment's minimum is on the null, which the voxel's
+       own pattern has already covered, so such a candidate leaves after one evaluation.
+    2. Consistency: the cost of a pattern bounds the true cost from above and equals it only
+       where the curve has that pattern; a minimum found outside its own pattern means that
+       a lower cost lies in the pattern there, which is refined in turn (KINK_ROUNDS rounds).
+    """
+    n, device = y.shape[0], y.device
+    last = grid_pattern.numel() - 1
+    j = best[3]
+    offsets = torch.arange(-KINK_STEPS, KINK_STEPS + 1, device=device)[:, None]
+    near_k = (best_k + offsets).clamp(0, last)  # (2w + 1, V)
+    near = grid_pattern[near_k]
+    drop = (around[1] - 0.5 * (around[0] + around[2])).clamp_min(0)
+    close = window >= score - KINK_MARGIN * drop
+    voxels, js, us = [], [], []
+    for side in (-1, 1):
+        past = close & (near == j + side)
+        chosen = torch.nonzero(past.any(0))[:, 0]
+        if chosen.numel() == 0:
+            continue
+        # the best grid value past the null, as the start
+        at = torch.where(past[:, chosen], window[:, chosen], -torch.inf).max(0).indices
+        voxels.append(chosen)
+        js.append(j[chosen] + side)
+        us.append(log_grid[near_k[at, chosen]])
+    if voxels:
+        voxels_t = torch.cat(voxels)
+        js_t = torch.cat(js)
+        bounds = None
+        if kinks is not None:  # each pattern within its own segment, between two nulls
+            lo, hi = (torch.tensor(b, dtype=kinks.dtype, device=device) for b in model.bounds)
+            edges = torch.cat([lo.log()[None], kinks, hi.log()[None]])
+            bounds = (edges[js_t].exp(), edges[js_t + 1].exp())
+        u, cost, c = _refine_candidates(
+            model, y, rank, voxels_t, js_t, torch.cat(us), max_iter, tol, bounds=bounds
+        )
+        _take_better(best, voxels_t, (cost, u, c, js_t))
+    for _ in range(KINK_ROUNDS):
+        own = _seed_pattern(model, best[1].exp(), n)
+        moved = torch.nonzero(own != torch.remainder(best[3], n))[:, 0]
+        if moved.numel() == 0:
+            break
+        u, cost, c = _refine_candidates(
+            model, y, rank, moved, own[moved], best[1][moved], max_iter, tol
+        )
+        # a voxel whose own pattern gives no lower cost keeps its result and leaves the check
+        best[3][moved] = own[moved]
+        _take_better(best, moved, (cost, u, c, own[moved]))
+    if history is not None:
+        history.append(best[0].sum())  # after the kink check
 
 
 # --- the public fits -------------------------------------------------------------------------
@@ -610,6 +710,8 @@ def fit_varpro(
     qmat = qmat.to(grid_dtype)
     log_grid = grid.log().clamp(math.log(lo), math.log(hi))
     grid_pattern = (model.basis(grid)[:, 0] < 0).sum(0)  # (K,), used for the seed model
+    seed = model.magnitude and not polarity and lm_iterations > 0
+    kinks = _kinks(model, grid_pattern, log_grid) if seed else None
     candidates = 3 if model.magnitude and lm_iterations else 1
     per_voxel = grid.numel() * p * 4 + candidates * n * 8 * 12 + n * 8 * 4
     chunk = min(n_voxels, chunk_voxels(device, per_voxel)) or 1
@@ -631,8 +733,9 @@ def fit_varpro(
             y = torch.where(finite[sl], voxels[:, sl].to(dtype), 0.0)
             history: list[torch.Tensor] = []
             c, t = _fit_chunk(
-                model, y, rank, qmat, log_grid, buffer, grid_pattern, lm_iterations, tol, history
-            )
+                model, y, rank, qmat, log_grid, buffer, grid_pattern, kinks, lm_iterations, tol,
+                history,
+            )  # fmt: skip
             history_chunks.append(torch.stack(history).tolist() if history else [])
             signal, jac = model.evaluate(c, t)
             residual = (y - signal).T
