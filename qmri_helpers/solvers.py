@@ -22,11 +22,18 @@ of :math:`\tau` alone (variable projection):
    optimum is the best of the patterns' minima. The kink check refines several patterns and
    keeps the best: for the 3-parameter and TR-aware models the null next to the smallest
    magnitude (two patterns) and one point further either way, each from its own best grid
-   value; for the seed model, whose pattern follows from tau, the pattern of the best grid
-   value and, where a null lies within four grid steps, its neighbours. This is what fixes the
-   local minima next to the null, where :math:`f` has a kink. (The patterns assume a monotone
-   curve: exact for a constant TR; with a TR that changes with TI, as on Siemens scanners,
-   a curve could in principle change sign twice.)
+   value. The seed model's pattern follows from tau: tau's segment between two nulls
+   (:math:`\tau = TI_i/\ln 2`) fixes it. Its check refines the pattern of the best grid
+   value, then a neighbouring pattern where a null lies within three grid steps and a grid
+   value past it scores nearly as well, within that pattern's own segment; and a minimum
+   found outside its pattern's segment is refined again in the pattern there. This is what
+   fixes the local minima next to the null, where :math:`f` has a kink. (The patterns assume
+   a monotone curve: exact for a constant TR; with a TR that changes with TI, as on Siemens
+   scanners, a curve could in principle change sign twice.)
+
+The work is organised for the hardware: on a CPU the refinement runs over blocks of columns
+that fit the cache, on a GPU over all of a chunk at once, and the voxels that have converged
+leave the working set.
 
 :func:`fit_varpro` with ``lm_iterations=0`` stops after the grid (with a parabolic refinement
 between grid values), to show what the grid alone gives. Both run on the device of the data,
