@@ -367,10 +367,14 @@ def _goodness(
         )
     else:
         fisher = jacobian.transpose(-1, -2) @ jacobian
+    return rss, r_squared, _ridged_inverse_diagonal(fisher)
+
+
+def _ridged_inverse_diagonal(fisher: torch.Tensor) -> torch.Tensor:
+    """The diagonal of the inverse of Fisher matrices ``(V, q, q)``, with a 1e-12 ridge."""
     eye = torch.eye(fisher.shape[-1], dtype=fisher.dtype, device=fisher.device)
     ridge = 1e-12 * fisher.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-30)
-    inverse_diag = _inverse_diagonal(fisher + ridge[:, None, None] * eye)
-    return rss, r_squared, inverse_diag
+    return _inverse_diagonal(fisher + ridge[:, None, None] * eye)
 
 
 def _estimate_sigma(rss: torch.Tensor, ok: torch.Tensor, dof: int) -> float:

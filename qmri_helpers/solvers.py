@@ -51,8 +51,8 @@ from .fitting import (
     FitResult,
     _estimate_sigma,
     _flushing_denormals,
-    _goodness,
     _result,
+    _ridged_inverse_diagonal,
     thread_policy,
 )
 from .models import SeparableModel
@@ -383,7 +383,7 @@ def _refine_candidates(
     model: SeparableModel,
     y: torch.Tensor,
     rank: torch.Tensor,
-    voxels: torch.Tensor,
+    voxels: torch.Tensor | None,
     js: torch.Tensor | None,
     us: torch.Tensor,
     max_iter: int,
@@ -394,13 +394,14 @@ def _refine_candidates(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Refine one column per (voxel, pattern) candidate: ``y[:, voxels]`` with pattern ``js``.
 
+    ``voxels`` None stands for all voxels in order (no copy of ``y``).
     ``bounds`` on tau per candidate, else the model's. Returns ln tau, cost and coefficients
     ``(p, A)`` of each candidate.
     """
-    ys = y[:, voxels]
+    ys = y if voxels is None else y.index_select(1, voxels)
     if js is not None:
         ys = _with_pattern(ys, rank, js, y.shape[0])
-    with thread_policy(y.device, voxels.numel() * y.shape[0], small=2**18):
+    with thread_policy(y.device, ys.numel(), small=2**18):
         u, cost, c, _ = _refine(
             model, ys, us, bounds or model.bounds, max_iter, tol, history, n_main
         )
@@ -519,7 +520,7 @@ def _fit_chunk(
     else:
         j = grid_pattern[ks[0]] if seed else torch.zeros_like(ks[0])
         u, cost, c = _refine_candidates(
-            model, y, rank, every, j if seed else None, starts[0], max_iter, tol, history,
+            model, y, rank, None, j if seed else None, starts[0], max_iter, tol, history,
             n_voxels,
         )  # fmt: skip
         best = (cost, u, c, j.clone())
@@ -614,6 +615,31 @@ def _seed_kink_check(
 
 
 # --- the public fits -------------------------------------------------------------------------
+
+
+def _statistics(
+    model: SeparableModel, y: torch.Tensor, c: torch.Tensor, tau: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RSS, R² and the diagonal of (JᵀJ)⁻¹ of the fits ``c (p, V)``, ``tau (V,)`` of ``y (n, V)``.
+
+    As :func:`~qmri_helpers.fitting._goodness`, with the sums over the n time points taken
+    along the first axis (contiguous, no transposed copies). For magnitude data the Jacobian is
+    that of the signed model times the sign of the signal, which leaves JᵀJ unchanged.
+    """
+    phi, dphi = model.basis_fn(tau)  # (n, p, V)
+    columns = [*phi.unbind(1), (dphi * c[None]).sum(1)]  # J's columns: by c_i, and by tau
+    signal = (phi * c[None]).sum(1)
+    if model.magnitude:
+        signal = signal.abs()
+    rss = ((y - signal) ** 2).sum(0)
+    tss = ((y - y.mean(0)) ** 2).sum(0)
+    r_squared = 1 - rss / tss.clamp_min(torch.finfo(y.dtype).tiny)
+    q = len(columns)
+    dots = {(i, j): (columns[i] * columns[j]).sum(0) for i in range(q) for j in range(i, q)}
+    fisher = torch.stack(
+        [torch.stack([dots[min(i, j), max(i, j)] for j in range(q)], -1) for i in range(q)], -2
+    )
+    return rss, r_squared, _ridged_inverse_diagonal(fisher)
 
 
 def _flatten(
@@ -754,11 +780,7 @@ def fit_varpro(
                 history,
             )  # fmt: skip
             history_chunks.append(torch.stack(history).tolist() if history else [])
-            signal, jac = model.evaluate(c, t)
-            residual = (y - signal).T
-            rss[sl], r_squared[sl], inverse_diag[sl] = _goodness(
-                residual, jac.permute(2, 0, 1), y.T
-            )
+            rss[sl], r_squared[sl], inverse_diag[sl] = _statistics(model, y, c, t)
             coefficients[:, sl], tau[sl] = c, t
     # A grid search alone cannot leave its grid: a voxel at either end is pinned there.
     pinned = at_bound(tau, model.bounds if lm_iterations else (grid.min(), grid.max()))
