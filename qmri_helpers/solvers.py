@@ -411,8 +411,9 @@ def _refine_candidates(
 def _kinks(model: SeparableModel, grid_pattern: torch.Tensor, log_grid: torch.Tensor):
     """Ln tau of the nulls of the seed model's curve, where its sign pattern changes, or None.
 
-    Found by bisection between the grid values where the sign of a point changes; None when
-    the pattern is not the number of nulls below tau (then no segment bounds are used).
+    Found by bisection, then Newton's method, between the grid values where the sign of a
+    point changes; None when the pattern is not the number of nulls below tau (then no
+    segment bounds are used).
     """
     signs = model.basis(log_grid.exp())[:, 0] < 0  # (n, K)
     changes = signs[:, 1:] != signs[:, :-1]
@@ -423,11 +424,17 @@ def _kinks(model: SeparableModel, grid_pattern: torch.Tensor, log_grid: torch.Te
     a, b = log_grid[k], log_grid[k + 1]
     low_sign = signs[points, k]
     order = torch.arange(points.numel(), device=log_grid.device)
-    for _ in range(48):  # the bracket shrinks to 1e-15 of a grid step
+    for _ in range(8):  # bisection: the bracket shrinks to 1/256 of a grid step
         mid = 0.5 * (a + b)
         same = (model.basis(mid.exp())[points, 0, order] < 0) == low_sign  # point i at mid_i
         a, b = torch.where(same, mid, a), torch.where(same, b, mid)
-    kinks = torch.sort(0.5 * (a + b)).values
+    u = 0.5 * (a + b)
+    for _ in range(4):  # then Newton's method on ln tau, kept in the bracket: to rounding
+        tau = u.exp()
+        phi, dphi = model.basis_fn(tau)
+        step = phi[points, 0, order] / (dphi[points, 0, order] * tau)
+        u = (u - step).clamp(a, b)
+    kinks = torch.sort(u).values
     if not bool((torch.searchsorted(kinks, log_grid) == grid_pattern).all()):
         return None
     return kinks
