@@ -47,10 +47,11 @@ def test_hand_jacobian_matches_autograd(model):
 
 
 def test_tr_model_reduces_to_the_ideal_model_for_long_tr():
-    ideal = models.ir_signal(torch.tensor(1000.0), torch.tensor(0.5), TI, magnitude=False)
+    m0, t1 = torch.tensor(1000.0, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+    ideal = models.ir_signal(m0, t1, TI, magnitude=False)  # float64 on both sides
     tr_model = models.ir_tr_model(TI, 100.0, magnitude=False)
     c = torch.tensor([[1000.0], [2000.0]], dtype=torch.float64)  # M0 = 1000, k = 2
-    torch.testing.assert_close(tr_model(c, torch.tensor([0.5]))[:, 0], ideal.double())
+    torch.testing.assert_close(tr_model(c, t1[None])[:, 0], ideal)
     assert tr_model.derive(c)["k"].item() == pytest.approx(2.0)
 
 
