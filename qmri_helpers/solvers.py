@@ -22,11 +22,18 @@ of :math:`\tau` alone (variable projection):
    optimum is the best of the patterns' minima. The kink check refines several patterns and
    keeps the best: for the 3-parameter and TR-aware models the null next to the smallest
    magnitude (two patterns) and one point further either way, each from its own best grid
-   value; for the seed model, whose pattern follows from tau, the pattern of the best grid
-   value and, where a null lies within four grid steps, its neighbours. This is what fixes the
-   local minima next to the null, where :math:`f` has a kink. (The patterns assume a monotone
-   curve: exact for a constant TR; with a TR that changes with TI, as on Siemens scanners,
-   a curve could in principle change sign twice.)
+   value. The seed model's pattern follows from tau: tau's segment between two nulls
+   (:math:`\tau = TI_i/\ln 2`) fixes it. Its check refines the pattern of the best grid
+   value, then a neighbouring pattern where a null lies within three grid steps and a grid
+   value past it scores nearly as well, within that pattern's own segment; and a minimum
+   found outside its pattern's segment is refined again in the pattern there. This is what
+   fixes the local minima next to the null, where :math:`f` has a kink. (The patterns assume
+   a monotone curve: exact for a constant TR; with a TR that changes with TI, as on Siemens
+   scanners, a curve could in principle change sign twice.)
+
+The work is organised for the hardware: on a CPU the refinement runs over blocks of columns
+that fit the cache, on a GPU over all of a chunk at once, and the voxels that have converged
+leave the working set.
 
 :func:`fit_varpro` with ``lm_iterations=0`` stops after the grid (with a parabolic refinement
 between grid values), to show what the grid alone gives. Both run on the device of the data,
@@ -63,23 +70,29 @@ __all__ = ["CHUNK_BYTES", "chunk_voxels", "fit_lm", "fit_varpro"]
 #: Working memory of one chunk of voxels, per device type (bytes): on a CPU about 70k voxels
 #: (a 256x256 slice in one chunk, the per-operation overhead paid once); a GPU is
 #: launch-bound, so it takes as much as fits.
-CHUNK_BYTES = {"cpu": 256 * 2**20, "cuda": 8 * 2**30}
+CHUNK_BYTES = {"cpu": 256 * 2**20, "cuda": 64 * 2**30}
 #: Default number of grid values over the bounds of tau (log-spaced), for refined fits.
 GRID_POINTS = 80
 #: Largest step of ln(tau) in one iteration: about two grid spacings.
 MAX_LOG_STEP = 0.25
+#: The seed model's kink check: neighbouring sign patterns are refined too where a null lies
+#: within this many grid steps of the best grid value and a grid value past it scores within
+#: KINK_MARGIN times the best value's drop to its neighbours; rounds of the consistency check.
+KINK_STEPS, KINK_ROUNDS, KINK_MARGIN = 3, 3, 4.0
+#: Elements of one ``(n, columns)`` work array of the refinement on a CPU (2 MB in float64).
+CACHE_ELEMENTS = 2**18
 
 
 def chunk_voxels(device: torch.device, bytes_per_voxel: int) -> int:
     """Voxels per chunk on ``device``, each using ``bytes_per_voxel``.
 
-    The budget is :data:`CHUNK_BYTES` for the device's type, or on a GPU a quarter of its free
+    The budget is :data:`CHUNK_BYTES` for the device's type, or on a GPU half of its free
     memory if that is less.
     """
     budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = min(budget, free // 4)
+        budget = min(budget, free // 2)
     return max(1024, int(budget // max(1, bytes_per_voxel)))
 
 
@@ -132,7 +145,30 @@ def _symmetric_dots(x: torch.Tensor) -> torch.Tensor:
 
 
 def _profile(
-    model: SeparableModel, ys: torch.Tensor, u: torch.Tensor
+    model: SeparableModel, ys: torch.Tensor, u: torch.Tensor, yy: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_profile_block` in blocks of columns small enough to stay in a CPU's cache.
+
+    Element-wise operations on ``(n, A)`` arrays larger than the cache run at memory speed,
+    about 2.5 times slower per element than on arrays that fit (measured on 2 cores); a GPU
+    takes all columns at once. ``yy`` (the squared norms of the columns) can be passed in,
+    as they do not change with tau.
+    """
+    if yy is None:
+        yy = (ys * ys).sum(0)
+    block = ys.shape[1] if ys.device.type != "cpu" else max(1, CACHE_ELEMENTS // ys.shape[0])
+    if ys.shape[1] <= block:
+        return _profile_block(model, ys, u, yy)
+    parts = [
+        _profile_block(model, ys[:, i : i + block], u[i : i + block], yy[i : i + block])
+        for i in range(0, ys.shape[1], block)
+    ]
+    f, g, h, c = zip(*parts, strict=True)
+    return torch.cat(f), torch.cat(g), torch.cat(h), torch.cat(c, 1)
+
+
+def _profile_block(
+    model: SeparableModel, ys: torch.Tensor, u: torch.Tensor, yy: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Variable-projection cost, its slope and Gauss-Newton curvature in ``u = ln tau``.
 
@@ -152,6 +188,16 @@ def _profile(
     tau = u.exp()
     phi, dphi = model.basis_fn(tau)  # (n, p, A)
     p = phi.shape[1]
+    if p == 1:  # the same, written out for one coefficient: fewer operations on (A,) vectors
+        f0, d0 = phi[:, 0], dphi[:, 0]
+        g, x, dd = (f0 * f0).sum(0), (f0 * d0).sum(0), (d0 * d0).sum(0)
+        b, dy = (f0 * ys).sum(0), (d0 * ys).sum(0)
+        c = b / g
+        q = x * c  # Phi^T w
+        z = dy - q  # dPhi^T r; r^T w = c z
+        curvature = (c * c * dd + (z * z - q * q) / g).clamp_min(0)
+        cost = (yy - c * b).clamp_min(0)
+        return cost, -2 * c * z * tau, 2 * curvature * tau * tau, c[None]
     # the dot products over the n time points, one product and one sum each: no copies;
     # the Gram matrices are symmetric, so only their upper triangles are computed
     gram = _symmetric_dots(phi)  # (p, p, A)
@@ -161,7 +207,6 @@ def _profile(
     dd = _symmetric_dots(dphi)
     b = torch.stack([(phi[:, i] * ys).sum(0) for i in range(p)])  # (p, A)
     dy = torch.stack([(dphi[:, i] * ys).sum(0) for i in range(p)])
-    yy = (ys * ys).sum(0)
     c = _inverse_times(gram, b)
     cost = (yy - (c * b).sum(0)).clamp_min(0)
     q = (cross * c[None]).sum(1)  # Phi^T w, (p, A)
@@ -191,19 +236,20 @@ def _grid_basis(model: SeparableModel, grid: torch.Tensor, absolute: bool) -> to
 
 
 def _grid_search(
-    qmat: torch.Tensor, p: int, signed: list[torch.Tensor], buffer: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""Per pattern: best grid index, its score and the scores at k-1, k, k+1.
+    qmat: torch.Tensor, p: int, signed: list[torch.Tensor], buffer: torch.Tensor, width: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Per pattern: best grid index, its score, the scores at k-1, k, k+1 and k-w ... k+w.
 
     ``signed`` holds the data of each sign pattern, ``(n, V)`` each. The score is
     :math:`\|P_k s y\|^2`, the largest score the least cost. ``buffer`` holds the
     ``(V, p * K)`` projections and is reused from pattern to pattern and chunk to chunk; the
     voxels run along its rows, so the search over the grid reduces contiguous memory (about
     twice as fast on a CPU as along the columns). Returns tensors of shape ``(S, V)``,
-    ``(S, V)`` and ``(S, 3, V)``.
+    ``(S, V)``, ``(S, 3, V)`` and ``(S, 2 w + 1, V)`` (indices clamped to the grid).
     """
     n_grid = qmat.shape[1] // p
-    best_k, best, around = [], [], []
+    best_k, best, around, window = [], [], [], []
+    offsets = torch.arange(-width, width + 1, device=qmat.device)
     # MKL splits the rows of a product with few rows (5 to 30 voxels) between its threads,
     # and the projections' rounding then depends on their number; so few voxels gain nothing
     # from threads, so they take one, and the fit does not depend on the thread count
@@ -226,8 +272,16 @@ def _grid_search(
         best_k.append(k)
         best.append(score)
         around.append(scores.gather(1, torch.stack([inner - 1, inner, inner + 1], 1)).T)
+        if width:
+            near = (k[:, None] + offsets).clamp(0, n_grid - 1)
+            window.append(scores.gather(1, near).T)
     dtype = signed[0].dtype
-    return torch.stack(best_k), torch.stack(best).to(dtype), torch.stack(around).to(dtype)
+    return (
+        torch.stack(best_k),
+        torch.stack(best).to(dtype),
+        torch.stack(around).to(dtype),
+        torch.stack(window).to(dtype) if width else qmat.new_empty(0, dtype=dtype),
+    )
 
 
 def _parabola(around: torch.Tensor, k: torch.Tensor, log_grid: torch.Tensor) -> torch.Tensor:
@@ -249,13 +303,15 @@ def _refine(
     model: SeparableModel,
     ys: torch.Tensor,
     u: torch.Tensor,
-    bounds: tuple[float, float],
+    bounds: tuple[float | torch.Tensor, float | torch.Tensor],
     max_iter: int,
     tol: float,
-    history: list[float] | None,
+    history: list[torch.Tensor] | None,
     n_main: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Minimise the pattern costs of ``ys (n, A)`` over ``u = ln tau`` from ``u (A,)``.
+
+    ``bounds`` on tau (s) are numbers, or tensors ``(A,)`` with bounds per column.
 
     Each column keeps its own damping factor and leaves the working set once its step is below
     ``tol`` (in ln tau, i.e. relative in tau) or its Newton decrement says the cost cannot fall
@@ -263,9 +319,10 @@ def _refine(
     beyond it. ``history`` gets the summed cost of the first ``n_main`` columns after each
     iteration. Returns u, cost, coefficients ``(p, A)`` and iterations ``(A,)``.
     """
-    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    lo, hi = (torch.as_tensor(b, dtype=u.dtype, device=u.device).log().expand_as(u) for b in bounds)
     u = u.clamp(lo, hi)
-    fa, ga, ha, ca = _profile(model, ys, u)
+    yy = (ys * ys).sum(0)
+    fa, ga, ha, ca = _profile(model, ys, u, yy)
     cost, c = fa.clone(), ca.clone()
     iterations = torch.zeros_like(u, dtype=torch.long)
     index = torch.arange(u.numel(), device=u.device)
@@ -281,18 +338,19 @@ def _refine(
     radius = torch.full_like(u, MAX_LOG_STEP)  # doubles while full steps keep being accepted
     if not bool(going.all()):
         finished = finished + (fa * main)[~going].sum()
-        index, ua, ya, fa, ga, ha, ca, lam, radius, main = (
-            x[..., going] for x in (index, ua, ya, fa, ga, ha, ca, lam, radius, main)
+        keep = torch.nonzero(going)[:, 0]  # one index for all: one device sync, not ten
+        index, ua, ya, yy, fa, ga, ha, ca, lam, radius, main, lo, hi = (
+            x[..., keep] for x in (index, ua, ya, yy, fa, ga, ha, ca, lam, radius, main, lo, hi)
         )
     if history is not None:
-        history.append(float(finished + (fa * main).sum()))
+        history.append(finished + (fa * main).sum())
     for _ in range(max_iter):
         if index.numel() == 0:
             break
         step = -ga / (ha * (1 + lam)).clamp_min(1e-300)
         step = torch.maximum(torch.minimum(step, radius), -radius)
         trial = (ua + step).clamp(lo, hi)
-        f_t, g_t, h_t, c_t = _profile(model, ya, trial)
+        f_t, g_t, h_t, c_t = _profile(model, ya, trial, yy)
         accept = f_t <= fa  # False for NaN
         moved = (trial - ua).abs()
         # Gauss-Newton ignores the residual's own curvature, which on noisy voxels makes its
@@ -315,22 +373,104 @@ def _refine(
         converged = (moved <= tol) | (ga.abs() <= tol * ha) | flat
         done = (accept & converged) | pinned(ua, ga) | (lam > 1e6)
         if history is not None:
-            history.append(float(finished + (fa * main).sum()))
+            history.append(finished + (fa * main).sum())
         # drop the finished columns once they are worth a copy of the working set (an eighth)
         if int(done.sum()) * 8 >= index.numel():
-            finished_index = index[done]
-            u[finished_index], cost[finished_index] = ua[done], fa[done]
-            c[:, finished_index] = ca[:, done]
-            finished = finished + (fa * main)[done].sum()
-            going = ~done
-            index, ua, ya, fa, ga, ha, ca, lam, radius, main = (
-                x[..., going] for x in (index, ua, ya, fa, ga, ha, ca, lam, radius, main)
+            gone = torch.nonzero(done)[:, 0]
+            u[index[gone]], cost[index[gone]], c[:, index[gone]] = ua[gone], fa[gone], ca[:, gone]
+            finished = finished + (fa * main)[gone].sum()
+            keep = torch.nonzero(~done)[:, 0]
+            index, ua, ya, yy, fa, ga, ha, ca, lam, radius, main, lo, hi = (
+                x[..., keep] for x in (index, ua, ya, yy, fa, ga, ha, ca, lam, radius, main, lo, hi)
             )
     u[index], cost[index], c[:, index] = ua, fa, ca
     return u, cost, c, iterations
 
 
 # --- one chunk: grid, kink check, refinement -------------------------------------------------
+
+
+def _refine_candidates(
+    model: SeparableModel,
+    y: torch.Tensor,
+    rank: torch.Tensor,
+    voxels: torch.Tensor,
+    js: torch.Tensor | None,
+    us: torch.Tensor,
+    max_iter: int,
+    tol: float,
+    history: list[torch.Tensor] | None = None,
+    n_main: int = 0,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Refine one column per (voxel, pattern) candidate: ``y[:, voxels]`` with pattern ``js``.
+
+    ``bounds`` on tau per candidate, else the model's. Returns ln tau, cost and coefficients
+    ``(p, A)`` of each candidate.
+    """
+    ys = y[:, voxels]
+    if js is not None:
+        ys = _with_pattern(ys, rank, js, y.shape[0])
+    with thread_policy(y.device, voxels.numel() * y.shape[0], small=2**18):
+        u, cost, c, _ = _refine(
+            model, ys, us, bounds or model.bounds, max_iter, tol, history, n_main
+        )
+    return u, cost, c
+
+
+def _kinks(model: SeparableModel, grid_pattern: torch.Tensor, log_grid: torch.Tensor):
+    """Ln tau of the nulls of the seed model's curve, where its sign pattern changes, or None.
+
+    Found by bisection between the grid values where the sign of a point changes; None when
+    the pattern is not the number of nulls below tau (then no segment bounds are used).
+    """
+    signs = model.basis(log_grid.exp())[:, 0] < 0  # (n, K)
+    changes = signs[:, 1:] != signs[:, :-1]
+    points = torch.nonzero(changes.sum(1) == 1)[:, 0]
+    if points.numel() != int(changes.sum()):  # a point changes sign more than once
+        return None
+    k = changes[points].int().argmax(1)
+    a, b = log_grid[k], log_grid[k + 1]
+    low_sign = signs[points, k]
+    order = torch.arange(points.numel(), device=log_grid.device)
+    for _ in range(48):  # the bracket shrinks to 1e-15 of a grid step
+        mid = 0.5 * (a + b)
+        same = (model.basis(mid.exp())[points, 0, order] < 0) == low_sign  # point i at mid_i
+        a, b = torch.where(same, mid, a), torch.where(same, b, mid)
+    kinks = torch.sort(0.5 * (a + b)).values
+    if not bool((torch.searchsorted(kinks, log_grid) == grid_pattern).all()):
+        return None
+    return kinks
+
+
+def _take_better(
+    best: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    voxels: torch.Tensor,
+    found: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+) -> None:
+    """Where a candidate of ``voxels`` has a lower cost than the voxel's best, take it.
+
+    ``best`` and ``found`` hold cost ``(V,)``/``(A,)``, ln tau, coefficients ``(p, ...)`` and
+    pattern; ``best`` is updated in place. Of several better candidates of one voxel the least
+    cost wins, and of equal ones the first.
+    """
+    cost, u, c, j = found
+    least = torch.full_like(best[0], torch.inf).scatter_reduce(0, voxels, cost, "amin")
+    winner = torch.nonzero((cost == least[voxels]) & (cost < best[0][voxels]))[:, 0]
+    if winner.numel() == 0:
+        return
+    none = voxels.numel()
+    first = torch.full_like(best[3], none).scatter_reduce(0, voxels[winner], winner, "amin")
+    take = torch.nonzero(first < none)[:, 0]
+    pick = first[take]
+    best[0][take], best[1][take], best[2][:, take], best[3][take] = (
+        cost[pick], u[pick], c[:, pick], j[pick]
+    )  # fmt: skip
+
+
+def _seed_pattern(model: SeparableModel, tau: torch.Tensor, n: int) -> torch.Tensor:
+    """The sign pattern of the seed model's curve at ``tau``: its number of negative points."""
+    return torch.remainder((model.basis(tau)[:, 0] < 0).sum(0), n)
 
 
 def _fit_chunk(
@@ -341,16 +481,20 @@ def _fit_chunk(
     log_grid: torch.Tensor,
     buffer: torch.Tensor,
     grid_pattern: torch.Tensor,
+    kinks: torch.Tensor | None,
     max_iter: int,
     tol: float,
-    history: list[float] | None,
+    history: list[torch.Tensor] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Coefficients ``(p, V)`` and tau ``(V,)`` of the voxels ``y (n, V)`` (float64).
 
-    ``grid_pattern (K,)`` holds the sign pattern of the seed model's curve at each grid value.
+    ``grid_pattern (K,)`` holds the sign pattern of the seed model's curve at each grid value,
+    ``kinks`` the ln tau of its nulls (see :func:`_kinks`).
     """
     n, n_voxels = y.shape
     p = len(model.linear)
+    device = y.device
+    every = torch.arange(n_voxels, device=device)
     if model.magnitude and model.polarity:
         # the null lies next to the smallest magnitude, at index m: the patterns with the first
         # m or m+1 points negative, and (the kink check) the null one point further either way
@@ -359,47 +503,41 @@ def _fit_chunk(
         signed = [_with_pattern(y, rank, j, n) for j in patterns]
     else:  # signed data, or the seed model whose |basis| carries its own signs
         patterns, signed = None, [y]
-    ks, scores, around = _grid_search(qmat, p, signed, buffer)
+    seed = model.magnitude and patterns is None
+    width = KINK_STEPS if seed and max_iter else 0
+    ks, scores, around, window = _grid_search(qmat, p, signed, buffer, width)
     starts = torch.stack([_parabola(around[s], ks[s], log_grid) for s in range(len(signed))])
     if patterns is not None:  # every pattern from its own best grid value, the best first
         order = torch.argsort(scores, dim=0, descending=True)  # (S, V)
         js = torch.stack(patterns).gather(0, order)
         us = starts.gather(0, order)
-        candidates = [(js[s], us[s]) for s in range(len(patterns))]
-    elif not model.magnitude:
-        candidates = [(torch.zeros_like(ks[0]), starts[0])]
-    else:  # seed model: its pattern at the best grid value, and the neighbours' where a null
-        # lies within four grid steps (elsewhere f is smooth there and has no second minimum)
-        best_k, u0 = ks[0], starts[0]
-        last = grid_pattern.numel() - 1
-        j = grid_pattern[best_k]
-        low = grid_pattern[(best_k - 4).clamp(0, last)]
-        high = grid_pattern[(best_k + 4).clamp(0, last)]
-        candidates = [(j, u0), (j - 1, u0), (j + 1, u0)]
-    if max_iter == 0:  # the grid alone: the pattern of the best grid value
-        candidates = candidates[:1]
-    n_c = len(candidates)
-    js = torch.cat([j for j, _ in candidates])
-    us = torch.cat([u for _, u in candidates])
-    if model.magnitude and patterns is None and n_c > 1:
-        keep = torch.cat([torch.ones_like(ks[0], dtype=torch.bool), low < j, high > j])
-        cols = torch.nonzero(keep)[:, 0]
+        if max_iter == 0:  # the grid alone: the pattern of the best grid value
+            js, us = js[:1], us[:1]
+        voxels = every.repeat(js.shape[0])
+        u, cost, c = _refine_candidates(
+            model, y, rank, voxels, js.reshape(-1), us.reshape(-1), max_iter, tol, history,
+            n_voxels,
+        )  # fmt: skip
+        best = (cost[:n_voxels], u[:n_voxels], c[:, :n_voxels], js[0])
+        if js.shape[0] > 1:
+            _take_better(
+                best,
+                voxels[n_voxels:],
+                (cost[n_voxels:], u[n_voxels:], c[:, n_voxels:], js[1:].reshape(-1)),
+            )  # noqa: E501
+            if history is not None:
+                history.append(best[0].sum())  # after the kink check
     else:
-        cols = torch.arange(n_c * n_voxels, device=y.device)
-    ys = y[:, cols % n_voxels]  # one column per (voxel, pattern) refined
-    if model.magnitude:
-        ys = _with_pattern(ys, rank, js[cols], n)
-    with thread_policy(y.device, cols.numel() * n, small=2**18):
-        u, cost, c, _ = _refine(model, ys, us[cols], model.bounds, max_iter, tol, history, n_voxels)
-    all_cost = torch.full((n_c * n_voxels,), torch.inf, dtype=y.dtype, device=y.device)
-    all_u = torch.zeros_like(all_cost)
-    all_c = torch.zeros((p, n_c * n_voxels), dtype=y.dtype, device=y.device)
-    all_cost[cols], all_u[cols], all_c[:, cols] = cost, u, c
-    pick = all_cost.reshape(n_c, n_voxels).min(0).indices
-    col = pick * n_voxels + torch.arange(n_voxels, device=y.device)
-    tau, coefficients = all_u[col].exp(), all_c[:, col]
-    if history is not None and n_c > 1:
-        history.append(float(all_cost[col].sum()))  # after the kink check
+        j = grid_pattern[ks[0]] if seed else torch.zeros_like(ks[0])
+        u, cost, c = _refine_candidates(
+            model, y, rank, every, j if seed else None, starts[0], max_iter, tol, history,
+            n_voxels,
+        )  # fmt: skip
+        best = (cost, u, c, j.clone())
+        if seed and max_iter:
+            _seed_kink_check(model, y, rank, best, ks[0], scores[0], around[0], window[0],
+                             grid_pattern, log_grid, kinks, max_iter, tol, history)  # fmt: skip
+    coefficients, tau = best[2], best[1].exp()
     if model.magnitude:
         # the overall sign is free: the seed's M0 is positive, other curves end positive
         if patterns is None:
@@ -409,6 +547,81 @@ def _fit_chunk(
             flip = (last * coefficients).sum(0) < 0
             coefficients = torch.where(flip, -coefficients, coefficients)
     return coefficients, tau
+
+
+def _seed_kink_check(
+    model: SeparableModel,
+    y: torch.Tensor,
+    rank: torch.Tensor,
+    best: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    best_k: torch.Tensor,
+    score: torch.Tensor,
+    around: torch.Tensor,
+    window: torch.Tensor,
+    grid_pattern: torch.Tensor,
+    log_grid: torch.Tensor,
+    kinks: torch.Tensor | None,
+    max_iter: int,
+    tol: float,
+    history: list[torch.Tensor] | None,
+) -> None:
+    """The seed model's kink check, updating ``best`` (cost, ln tau, coefficients, pattern).
+
+    1. Neighbouring patterns: where a null lies within KINK_STEPS grid steps of the best grid
+       value and a grid value past it scores within KINK_MARGIN times the drop of the score
+       from the best grid value to its neighbours (a minimum between two grid values can
+       hide that much), the pattern past the null is refined too, from its best grid value
+       there, and within its own segment between two nulls (``kinks``, ln tau): where its
+       cost falls towards the null, the segment's minimum is on the null, which the voxel's
+       own pattern has already covered, so such a candidate leaves after one evaluation.
+    2. Consistency: the cost of a pattern bounds the true cost from above and equals it only
+       where the curve has that pattern; a minimum found outside its own pattern means that
+       a lower cost lies in the pattern there, which is refined in turn (KINK_ROUNDS rounds).
+    """
+    n, device = y.shape[0], y.device
+    last = grid_pattern.numel() - 1
+    j = best[3]
+    offsets = torch.arange(-KINK_STEPS, KINK_STEPS + 1, device=device)[:, None]
+    near_k = (best_k + offsets).clamp(0, last)  # (2w + 1, V)
+    near = grid_pattern[near_k]
+    drop = (around[1] - 0.5 * (around[0] + around[2])).clamp_min(0)
+    close = window >= score - KINK_MARGIN * drop
+    voxels, js, us = [], [], []
+    for side in (-1, 1):
+        past = close & (near == j + side)
+        chosen = torch.nonzero(past.any(0))[:, 0]
+        if chosen.numel() == 0:
+            continue
+        # the best grid value past the null, as the start
+        at = torch.where(past[:, chosen], window[:, chosen], -torch.inf).max(0).indices
+        voxels.append(chosen)
+        js.append(j[chosen] + side)
+        us.append(log_grid[near_k[at, chosen]])
+    if voxels:
+        voxels_t = torch.cat(voxels)
+        js_t = torch.cat(js)
+        bounds = None
+        if kinks is not None:  # each pattern within its own segment, between two nulls
+            lo, hi = (torch.tensor(b, dtype=kinks.dtype, device=device) for b in model.bounds)
+            edges = torch.cat([lo.log()[None], kinks, hi.log()[None]])
+            bounds = (edges[js_t].exp(), edges[js_t + 1].exp())
+        u, cost, c = _refine_candidates(
+            model, y, rank, voxels_t, js_t, torch.cat(us), max_iter, tol, bounds=bounds
+        )
+        _take_better(best, voxels_t, (cost, u, c, js_t))
+    for _ in range(KINK_ROUNDS):
+        own = _seed_pattern(model, best[1].exp(), n)
+        moved = torch.nonzero(own != torch.remainder(best[3], n))[:, 0]
+        if moved.numel() == 0:
+            break
+        u, cost, c = _refine_candidates(
+            model, y, rank, moved, own[moved], best[1][moved], max_iter, tol
+        )
+        # a voxel whose own pattern gives no lower cost keeps its result and leaves the check
+        best[3][moved] = own[moved]
+        _take_better(best, moved, (cost, u, c, own[moved]))
+    if history is not None:
+        history.append(best[0].sum())  # after the kink check
 
 
 # --- the public fits -------------------------------------------------------------------------
@@ -525,6 +738,8 @@ def fit_varpro(
     qmat = qmat.to(grid_dtype)
     log_grid = grid.log().clamp(math.log(lo), math.log(hi))
     grid_pattern = (model.basis(grid)[:, 0] < 0).sum(0)  # (K,), used for the seed model
+    seed = model.magnitude and not polarity and lm_iterations > 0
+    kinks = _kinks(model, grid_pattern, log_grid) if seed else None
     candidates = 3 if model.magnitude and lm_iterations else 1
     per_voxel = grid.numel() * p * 4 + candidates * n * 8 * 12 + n * 8 * 4
     chunk = min(n_voxels, chunk_voxels(device, per_voxel)) or 1
@@ -536,7 +751,7 @@ def fit_varpro(
     rss = torch.empty(n_voxels, dtype=keep, device=device)
     r_squared = torch.empty(n_voxels, dtype=keep, device=device)
     inverse_diag = torch.empty((n_voxels, p + 1), dtype=keep, device=device)
-    history_chunks: list[list[float]] = []
+    history_chunks: list[list[float]] = []  # summed costs, one device sync per chunk
     bar = trange(0, n_voxels, chunk, desc="VarPro", disable=not progress, leave=False)
     # the grid's matrix products use the idle cores; the small operations of the refinement
     # (its working set shrinks fast) run on one thread, see thread_policy
@@ -544,11 +759,12 @@ def fit_varpro(
         for start in bar:
             sl = slice(start, start + chunk)
             y = torch.where(finite[sl], voxels[:, sl].to(dtype), 0.0)
-            history: list[float] = []
+            history: list[torch.Tensor] = []
             c, t = _fit_chunk(
-                model, y, rank, qmat, log_grid, buffer, grid_pattern, lm_iterations, tol, history
-            )
-            history_chunks.append(history)
+                model, y, rank, qmat, log_grid, buffer, grid_pattern, kinks, lm_iterations, tol,
+                history,
+            )  # fmt: skip
+            history_chunks.append(torch.stack(history).tolist() if history else [])
             signal, jac = model.evaluate(c, t)
             residual = (y - signal).T
             rss[sl], r_squared[sl], inverse_diag[sl] = _goodness(

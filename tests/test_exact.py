@@ -159,3 +159,31 @@ def test_chunks_are_sized_per_device():
     cpu = solvers.chunk_voxels(torch.device("cpu"), 1000)
     assert cpu == solvers.CHUNK_BYTES["cpu"] // 1000
     assert solvers.CHUNK_BYTES["cuda"] > solvers.CHUNK_BYTES["cpu"]
+
+
+def test_the_seed_models_nulls_are_found_at_ti_over_ln2():
+    """The segments of the kink check end at the nulls of 1 - 2 exp(-TI/T1): T1 = TI / ln 2."""
+    ti = torch.tensor([0.03, 0.1, 0.1007, 0.4, 1.1, 2.5], dtype=torch.float64)
+    model = models.ir_seed_model(ti)
+    log_grid = torch.linspace(math.log(1e-3), math.log(10.0), 80, dtype=torch.float64)
+    pattern = (model.basis(log_grid.exp())[:, 0] < 0).sum(0)
+    kinks = solvers._kinks(model, pattern, log_grid)
+    assert kinks is not None
+    torch.testing.assert_close(kinks.exp(), ti / math.log(2), rtol=1e-12, atol=0)
+
+
+def test_voxels_either_side_of_a_null_get_the_global_optimum():
+    """T1 a hair above and below TI/ln 2 for every TI: the kink's two minima, told apart."""
+    ti = torch.as_tensor(phantom.DEFAULT_TI, dtype=torch.float64)
+    model = models.ir_seed_model(ti)
+    nulls = ti / math.log(2)
+    t1 = torch.cat([nulls * (1 + d) for d in (-0.02, -0.005, -0.001, 0.001, 0.005, 0.02)])
+    clean = model(torch.full_like(t1, 1000.0)[None], t1)
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(7), dtype=clean.dtype)
+    data = (clean + 10 * noise).abs()
+    fit = fitting.fit_lm(model, data)
+    expected = reference_fit(model, data)
+    ok = fit.valid
+    assert bool(ok.all())
+    rel = (fit.params["t1"].double() / expected - 1).abs()
+    assert float(rel.max()) < 1e-4
