@@ -250,9 +250,20 @@ def _grid_search(
     n_grid = qmat.shape[1] // p
     best_k, best, around, window = [], [], [], []
     offsets = torch.arange(-width, width + 1, device=qmat.device)
+    # MKL splits the rows of a product with few rows (5 to 30 voxels) between its threads,
+    # and the projections' rounding then depends on their number; so few voxels gain nothing
+    # from threads, so they take one, and the fit does not depend on the thread count
+    threads = torch.get_num_threads()
+    serial = qmat.device.type == "cpu" and signed[0].shape[1] < 1024 and threads > 1
     for ys in signed:
         out = buffer[: qmat.shape[1] * ys.shape[1]].view(ys.shape[1], qmat.shape[1])
-        projection = torch.matmul(ys.T.to(qmat.dtype), qmat, out=out)
+        if serial:
+            torch.set_num_threads(1)
+        try:
+            projection = torch.matmul(ys.T.to(qmat.dtype), qmat, out=out)
+        finally:
+            if serial:
+                torch.set_num_threads(threads)
         scores = projection.square_()
         if p > 1:
             scores = scores.view(-1, p, n_grid).sum(1)
