@@ -237,9 +237,8 @@ class SeparableModel:
 
 def _decay(t: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``exp(-t/tau)`` and its derivative by tau, both ``(n, ...)``."""
-    t = _times(t, tau)
-    e = torch.exp(-t / tau)
-    return e, e * t / tau**2
+    e = _exp_decay(t, tau)
+    return e, e * _times(t, tau) / tau**2
 
 
 def ir_seed_model(ti: torch.Tensor, magnitude: bool = True) -> SeparableModel:
@@ -248,7 +247,7 @@ def ir_seed_model(ti: torch.Tensor, magnitude: bool = True) -> SeparableModel:
 
     def basis(tau):
         t = _times(ti, tau)
-        e = torch.exp(-t / tau)
+        e = _exp_decay(ti, tau)
         # 1 - 2e and its derivative -2 e t / tau^2, one pass over (n, ...) each where it can
         return torch.rsub(e, 1.0, alpha=2).unsqueeze(1), (e * (-2 * t) / tau**2).unsqueeze(1)
 
