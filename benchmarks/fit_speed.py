@@ -5,7 +5,9 @@ T1 vials) at each size. Errors are relative T1 errors over the voxels of the via
 0.1 to 2.5 s, against an independent float64 reference of the solver's model: a dense grid
 plus golden-section search for every sign pattern (``exact_reference.py``), which shares no
 code with the solvers. On volumes the reference covers 4 of the slices. Each (solver, size)
-runs in a fresh process, so its peak memory is its own. A "busy" row runs with one busy
+runs in a fresh process, so its peak memory is its own; after a warm-up call on 16x16 voxels
+the fast solvers are timed three times (the median is reported), the Adam recipes once. A
+"busy" row runs with one busy
 background process (a CPU loop that stops itself) on the machine, with the thread policy of
 ``qmri_helpers.fitting.thread_policy`` on and off. With CUDA present, GPU rows follow, with the
 first (warm-up) call timed apart.
@@ -50,8 +52,9 @@ SEED, BEST = "seed: dictionary + 2000 Adam (fit_adam)", "exact VarPro, seed mode
 BEST_3 = "exact VarPro, 3-parameter (fit_lm)"
 #: Adam iterations of the seed recipe; on volumes (and busy rows) it runs ADAM_SHORT, scaled.
 ADAM_ITERATIONS, ADAM_SHORT = 2000, 200
-#: Timed repeats of a GPU fit after its warm-up (the median is reported).
-GPU_REPEATS = 3
+#: Timed repeats of a fast solver after its warm-up, on any device (the median is reported);
+#: the Adam recipes run once.
+REPEATS = 3
 #: Slices of a volume that the reference covers.
 REFERENCE_SLICES = 4
 #: Longest life of the busy background process (s); it is stopped as soon as its row is done.
@@ -179,7 +182,7 @@ def one(kind: str, size: str, reference: str, device: str, short: bool) -> dict:
             out["warmup_s"] = time.perf_counter() - start
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     runs = []
-    for _ in range(GPU_REPEATS if dev.type == "cuda" and kind not in ("seed", "plain") else 1):
+    for _ in range(1 if kind in ("seed", "plain") else REPEATS):
         _sync(dev)
         start = time.perf_counter()
         t1 = run_solver(kind, images, ti, n_iter)
