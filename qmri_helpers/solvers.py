@@ -501,8 +501,6 @@ def _fit_chunk(
     """
     n, n_voxels = y.shape
     p = len(model.linear)
-    device = y.device
-    every = torch.arange(n_voxels, device=device)
     if model.magnitude and model.polarity:
         # the null lies next to the smallest magnitude, at index m: the patterns with the first
         # m or m+1 points negative, and (the kink check) the null one point further either way
@@ -521,7 +519,7 @@ def _fit_chunk(
         us = starts.gather(0, order)
         if max_iter == 0:  # the grid alone: the pattern of the best grid value
             js, us = js[:1], us[:1]
-        voxels = every.repeat(js.shape[0])
+        voxels = torch.arange(n_voxels, device=y.device).repeat(js.shape[0])
         u, cost, c = _refine_candidates(
             model, y, rank, voxels, js.reshape(-1), us.reshape(-1), max_iter, tol, history,
             n_voxels,
@@ -532,7 +530,7 @@ def _fit_chunk(
                 best,
                 voxels[n_voxels:],
                 (cost[n_voxels:], u[n_voxels:], c[:, n_voxels:], js[1:].reshape(-1)),
-            )  # noqa: E501
+            )
             if history is not None:
                 history.append(best[0].sum())  # after the kink check
     else:
