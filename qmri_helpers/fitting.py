@@ -389,22 +389,30 @@ def _inverse_diagonal(a: torch.Tensor) -> torch.Tensor:
 
 
 def _goodness(
-    residual: torch.Tensor, jacobian: torch.Tensor, data: torch.Tensor
+    residual: torch.Tensor, columns: list[torch.Tensor], data: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RSS, R² and the diagonal of (JᵀJ)⁻¹ per voxel; residual/data ``(V, n)``, J ``(V, n, q)``."""
-    rss = (residual**2).sum(-1)
-    tss = ((data - data.mean(-1, keepdim=True)) ** 2).sum(-1)
+    """RSS, R² and the diagonal of (JᵀJ)⁻¹ per voxel.
+
+    ``residual``, ``data`` and each of the ``q`` Jacobian ``columns`` are ``(n, V)``: the sums
+    run over the first axis, along contiguous memory.
+    """
+    rss = (residual**2).sum(0)
+    tss = ((data - data.mean(0)) ** 2).sum(0)
     r_squared = 1 - rss / tss.clamp_min(torch.finfo(data.dtype).tiny)
-    q = jacobian.shape[-1]
-    if q <= 4:  # sums of products: batched 2x2 or 3x3 matrix products are slow (on a GPU too)
-        cols = jacobian.unbind(-1)
-        dots = {(i, j): (cols[i] * cols[j]).sum(-1) for i in range(q) for j in range(i, q)}
-        fisher = torch.stack(
-            [torch.stack([dots[min(i, j), max(i, j)] for j in range(q)], -1) for i in range(q)], -2
-        )
-    else:
-        fisher = jacobian.transpose(-1, -2) @ jacobian
-    return rss, r_squared, _ridged_inverse_diagonal(fisher)
+    return rss, r_squared, _ridged_inverse_diagonal(_gram(columns).permute(2, 0, 1))
+
+
+def _gram(columns: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The dot products over the first axis of ``q`` columns ``(n, ...)``: ``(q, q, ...)``.
+
+    Each pair once (i <= j), the other triangle by symmetry: sums of products, as batched
+    2x2 or 3x3 matrix products are slow (on a GPU too).
+    """
+    q = len(columns)
+    dots = {(i, j): (columns[i] * columns[j]).sum(0) for i in range(q) for j in range(i, q)}
+    return torch.stack(
+        [torch.stack([dots[min(i, j), max(i, j)] for j in range(q)]) for i in range(q)]
+    )
 
 
 def _ridged_inverse_diagonal(fisher: torch.Tensor) -> torch.Tensor:
@@ -623,9 +631,7 @@ def fit_adam(
             ))[1]
             for i in range(len(names))
         ]  # fmt: skip
-        jacobian = torch.stack(columns, -1).transpose(0, 1)  # (V, n, q)
-        residual = (target - prediction).T
-        rss, r_squared, inverse_diag = _goodness(residual, jacobian, target.T)
+        rss, r_squared, inverse_diag = _goodness(target - prediction, columns, target)
         fitted["m0"] = fitted["m0"] * scale
         ok = has_signal & torch.isfinite(rss)
         for value in fitted.values():

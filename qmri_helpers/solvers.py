@@ -51,8 +51,10 @@ from .fitting import (
     FitResult,
     _estimate_sigma,
     _flushing_denormals,
+    _goodness,
+    _gram,
     _result,
-    _ridged_inverse_diagonal,
+    _threads,
     thread_policy,
 )
 from .models import SeparableModel
@@ -132,30 +134,16 @@ def _inverse_times(gram: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(gram.permute(2, 0, 1), b.T[..., None])[..., 0].T
 
 
-def _symmetric_dots(x: torch.Tensor) -> torch.Tensor:
-    """The dot products over the first axis of the columns of ``x (n, p, A)``: ``(p, p, A)``.
-
-    Each pair once (i <= j), the other triangle by symmetry.
-    """
-    p = x.shape[1]
-    dots = {(i, j): (x[:, i] * x[:, j]).sum(0) for i in range(p) for j in range(i, p)}
-    return torch.stack(
-        [torch.stack([dots[min(i, j), max(i, j)] for j in range(p)]) for i in range(p)]
-    )
-
-
 def _profile(
-    model: SeparableModel, ys: torch.Tensor, u: torch.Tensor, yy: torch.Tensor | None = None
+    model: SeparableModel, ys: torch.Tensor, u: torch.Tensor, yy: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_profile_block` in blocks of columns small enough to stay in a CPU's cache.
 
     Element-wise operations on ``(n, A)`` arrays larger than the cache run at memory speed,
     about 2.5 times slower per element than on arrays that fit (measured on 2 cores); a GPU
-    takes all columns at once. ``yy`` (the squared norms of the columns) can be passed in,
-    as they do not change with tau.
+    takes all columns at once. ``yy`` holds the squared norms of the columns, which do not
+    change with tau.
     """
-    if yy is None:
-        yy = (ys * ys).sum(0)
     block = ys.shape[1] if ys.device.type != "cpu" else max(1, CACHE_ELEMENTS // ys.shape[0])
     if ys.shape[1] <= block:
         return _profile_block(model, ys, u, yy)
@@ -200,11 +188,11 @@ def _profile_block(
         return cost, -2 * c * z * tau, 2 * curvature * tau * tau, c[None]
     # the dot products over the n time points, one product and one sum each: no copies;
     # the Gram matrices are symmetric, so only their upper triangles are computed
-    gram = _symmetric_dots(phi)  # (p, p, A)
+    gram = _gram(phi.unbind(1))  # (p, p, A)
     cross = torch.stack(
         [torch.stack([(phi[:, i] * dphi[:, j]).sum(0) for j in range(p)]) for i in range(p)]
     )
-    dd = _symmetric_dots(dphi)
+    dd = _gram(dphi.unbind(1))
     b = torch.stack([(phi[:, i] * ys).sum(0) for i in range(p)])  # (p, A)
     dy = torch.stack([(dphi[:, i] * ys).sum(0) for i in range(p)])
     c = _inverse_times(gram, b)
@@ -253,17 +241,11 @@ def _grid_search(
     # MKL splits the rows of a product with few rows (5 to 30 voxels) between its threads,
     # and the projections' rounding then depends on their number; so few voxels gain nothing
     # from threads, so they take one, and the fit does not depend on the thread count
-    threads = torch.get_num_threads()
-    serial = qmat.device.type == "cpu" and signed[0].shape[1] < 1024 and threads > 1
+    serial = qmat.device.type == "cpu" and signed[0].shape[1] < 1024
     for ys in signed:
         out = buffer[: qmat.shape[1] * ys.shape[1]].view(ys.shape[1], qmat.shape[1])
-        if serial:
-            torch.set_num_threads(1)
-        try:
+        with _threads(1 if serial else torch.get_num_threads()):
             projection = torch.matmul(ys.T.to(qmat.dtype), qmat, out=out)
-        finally:
-            if serial:
-                torch.set_num_threads(threads)
         scores = projection.square_()
         if p > 1:
             scores = scores.view(-1, p, n_grid).sum(1)
@@ -638,24 +620,15 @@ def _statistics(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RSS, R² and the diagonal of (JᵀJ)⁻¹ of the fits ``c (p, V)``, ``tau (V,)`` of ``y (n, V)``.
 
-    As :func:`~qmri_helpers.fitting._goodness`, with the sums over the n time points taken
-    along the first axis (contiguous, no transposed copies). For magnitude data the Jacobian is
-    that of the signed model times the sign of the signal, which leaves JᵀJ unchanged.
+    For magnitude data the Jacobian is that of the signed model times the sign of the signal,
+    which leaves JᵀJ unchanged, so the signed model's columns serve.
     """
     phi, dphi = model.basis_fn(tau)  # (n, p, V)
     columns = [*phi.unbind(1), (dphi * c[None]).sum(1)]  # J's columns: by c_i, and by tau
     signal = (phi * c[None]).sum(1)
     if model.magnitude:
         signal = signal.abs()
-    rss = ((y - signal) ** 2).sum(0)
-    tss = ((y - y.mean(0)) ** 2).sum(0)
-    r_squared = 1 - rss / tss.clamp_min(torch.finfo(y.dtype).tiny)
-    q = len(columns)
-    dots = {(i, j): (columns[i] * columns[j]).sum(0) for i in range(q) for j in range(i, q)}
-    fisher = torch.stack(
-        [torch.stack([dots[min(i, j), max(i, j)] for j in range(q)], -1) for i in range(q)], -2
-    )
-    return rss, r_squared, _ridged_inverse_diagonal(fisher)
+    return _goodness(y - signal, columns, y)
 
 
 def _flatten(
