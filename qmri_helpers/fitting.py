@@ -433,13 +433,15 @@ def _pack(
     shape: torch.Size,
     mask_flat: torch.Tensor,
     ok: torch.Tensor,
-    values: dict[str, torch.Tensor],
+    values: dict,
     dtype: torch.dtype,
-) -> dict[str, torch.Tensor]:
-    """Scatter per-voxel values back into maps of ``shape``; 0 where not ok or not fitted."""
+) -> dict:
+    """Scatter per-voxel values back into maps of ``shape``; 0 where not ok or not fitted.
+
+    The maps stay on the fit's device (:func:`_to_host` moves them, all at once).
+    """
     maps = {}
     for name, value in values.items():
-        # built on the fit's device, then moved to the CPU once
         full = torch.zeros(mask_flat.numel(), dtype=dtype, device=value.device)
         clean = torch.where(ok & torch.isfinite(value), value, torch.zeros_like(value))
         full[mask_flat.to(value.device)] = clean.to(dtype)
@@ -447,7 +449,7 @@ def _pack(
     return maps
 
 
-def _to_host(maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _to_host(maps: dict) -> dict:
     """The maps on the CPU; from a GPU in one copy into page-locked memory.
 
     A copy per map into ordinary memory ran at about 2 GB/s on an H100 (150 ms for the maps of
@@ -471,13 +473,13 @@ def _result(
     valid[mask_flat.to(ok.device)] = ok
     valid = valid.cpu()
     sd = {k: v * sigma for k, v in sd_unit.items()}
-    maps = {
-        **{("param", k): v for k, v in _pack(shape, mask_flat, ok, params, dtype).items()},
-        **{("sd", k): v for k, v in _pack(shape, mask_flat, ok, sd, dtype).items()},
-        ("fit", "r"): _pack(shape, mask_flat, ok, {"r": residual_norm}, dtype)["r"],
-        ("fit", "r2"): _pack(shape, mask_flat, ok, {"r": r_squared}, dtype)["r"],
+    values = {
+        **{("param", k): v for k, v in params.items()},
+        **{("sd", k): v for k, v in sd.items()},
+        ("fit", "r"): residual_norm,
+        ("fit", "r2"): r_squared,
     }
-    maps = _to_host(maps)
+    maps = _to_host(_pack(shape, mask_flat, ok, values, dtype))
     return FitResult(
         params={k: v for (kind, k), v in maps.items() if kind == "param"},
         valid=valid.reshape(shape),
