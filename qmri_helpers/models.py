@@ -246,10 +246,8 @@ def ir_seed_model(ti: torch.Tensor, magnitude: bool = True) -> SeparableModel:
     check_times(ti, "TI")
 
     def basis(tau):
-        t = _times(ti, tau)
-        e = _exp_decay(ti, tau)
-        # 1 - 2e and its derivative -2 e t / tau^2, one pass over (n, ...) each where it can
-        return torch.rsub(e, 1.0, alpha=2).unsqueeze(1), (e * (-2 * t) / tau**2).unsqueeze(1)
+        e, de = _decay(ti, tau)
+        return torch.rsub(e, 1.0, alpha=2).unsqueeze(1), (-2 * de).unsqueeze(1)  # 1 - 2e
 
     return SeparableModel(
         "IR |M0 (1 - 2 exp(-TI/T1))|", ("m0",), "t1", torch.as_tensor(ti), basis,
