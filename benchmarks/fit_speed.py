@@ -7,9 +7,8 @@ plus golden-section search for every sign pattern (``exact_reference.py``), whic
 code with the solvers. On volumes the reference covers 4 of the slices. Each (solver, size)
 runs in a fresh process, so its peak memory is its own; after a warm-up call on 16x16 voxels
 the fast solvers are timed three times (the median is reported), the Adam recipes once. A
-"busy" row runs with one busy
-background process (a CPU loop that stops itself) on the machine, with the thread policy of
-``qmri_helpers.fitting.thread_policy`` on and off. With CUDA present, GPU rows follow, with the
+"busy" row runs with one busy background process (a CPU loop that stops itself) on the
+machine, with the thread policy of ``qmri_helpers.fitting.thread_policy`` on and off. With CUDA present, GPU rows follow, with the
 first (warm-up) call timed apart.
 
     python benchmarks/fit_speed.py            # print the table (about 15 min on 2 idle cores)
@@ -199,7 +198,7 @@ def one(kind: str, size: str, reference: str, device: str, short: bool) -> dict:
         out["seconds"] = seconds * ADAM_ITERATIONS / ADAM_SHORT
         out["note"] = f"{ADAM_SHORT} of {ADAM_ITERATIONS} steps, time scaled"
         return out
-    if dev.type == "cuda" and kind in ("lm", "lm3", "varpro"):
+    if dev.type == "cuda" and kind in ("lm", "lm3"):
         out.update(compare_with_cpu(kind, images, ti, truth))
     if reference == "-":
         return out
@@ -223,10 +222,9 @@ def compare_with_cpu(kind: str, images: torch.Tensor, ti: torch.Tensor, truth: n
     tie that either device may resolve its own way; a lower cost on one device means the other
     missed the optimum.
     """
-    model = models.ir_seed_model(ti) if kind == "varpro" else reference_model(kind, ti)
-    fit = fitting.fit_varpro if kind == "varpro" else fitting.fit_lm
-    gpu = fit(model, images)
-    cpu = fit(model, images.cpu())
+    model = reference_model(kind, ti)
+    gpu = fitting.fit_lm(model, images)
+    cpu = fitting.fit_lm(model, images.cpu())
     a, b = gpu.params["t1"].numpy().reshape(-1), cpu.params["t1"].numpy().reshape(-1)
     both = (a > 0) & (b > 0)
     diff = np.where(both, np.abs(a / np.where(both, b, 1) - 1), 0.0)
