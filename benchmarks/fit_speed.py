@@ -8,8 +8,8 @@ code with the solvers. On volumes the reference covers 4 of the slices. Each (so
 runs in a fresh process, so its peak memory is its own; after a warm-up call on 16x16 voxels
 the fast solvers are timed three times (the median is reported), the Adam recipes once. A
 "busy" row runs with one busy background process (a CPU loop that stops itself) on the
-machine, with the thread policy of ``qmri_helpers.fitting.thread_policy`` on and off. With CUDA present, GPU rows follow, with the
-first (warm-up) call timed apart.
+machine, with the thread policy of ``qmri_helpers.fitting.thread_policy`` on and off. With
+CUDA present, GPU rows follow, with the first (warm-up) call timed apart.
 
     python benchmarks/fit_speed.py            # print the table (about 15 min on 2 idle cores)
     python benchmarks/fit_speed.py --readme   # also rewrite the README's results section
