@@ -184,6 +184,11 @@ class SeparableModel:
         Whether a fit of magnitude data must search the sign of each point (the null of an
         IR curve whose shape the coefficients set). Models whose sign pattern follows from
         tau alone (the seed IR model) need no search.
+    decay
+        For a one-coefficient basis :math:`\alpha + \beta e^{-t/\tau}`, the pair
+        :math:`(\alpha, \beta)`, else None. The solvers then compute the projections from
+        sums of the exponentials (:func:`~qmri_helpers.solvers.fit_lm`), the same numbers with
+        fewer operations.
     """
 
     name: str
@@ -195,6 +200,7 @@ class SeparableModel:
     bounds: tuple[float, float]
     derive: Callable[[torch.Tensor], dict[str, torch.Tensor]]
     polarity: bool = False
+    decay: tuple[float, float] | None = None
 
     def basis(self, tau: torch.Tensor) -> torch.Tensor:
         r"""Basis curves :math:`\phi(t; \tau)`, shape ``(n, p, ...)``."""
@@ -251,7 +257,7 @@ def ir_seed_model(ti: torch.Tensor, magnitude: bool = True) -> SeparableModel:
 
     return SeparableModel(
         "IR |M0 (1 - 2 exp(-TI/T1))|", ("m0",), "t1", torch.as_tensor(ti), basis,
-        magnitude, (1e-3, 10.0), lambda c: {"m0": c[0]},
+        magnitude, (1e-3, 10.0), lambda c: {"m0": c[0]}, decay=(1.0, -2.0),
     )  # fmt: skip
 
 
@@ -333,7 +339,7 @@ def mono_exp_model(te: torch.Tensor, name: str = "t2star") -> SeparableModel:
 
     return SeparableModel(
         f"M0 exp(-TE/{name})", ("m0",), name, torch.as_tensor(te), basis,
-        False, (1e-4, 10.0), lambda c: {"m0": c[0]},
+        False, (1e-4, 10.0), lambda c: {"m0": c[0]}, decay=(0.0, 1.0),
     )  # fmt: skip
 
 

@@ -57,7 +57,7 @@ from .fitting import (
     _threads,
     thread_policy,
 )
-from .models import SeparableModel
+from .models import _LOG2_E, SeparableModel
 from .validation import (
     at_bound,
     check_data,
@@ -83,6 +83,8 @@ MAX_LOG_STEP = 0.25
 KINK_STEPS, KINK_ROUNDS, KINK_MARGIN = 3, 3, 4.0
 #: Elements of one ``(n, columns)`` work array of the refinement on a CPU (2 MB in float64).
 CACHE_ELEMENTS = 2**18
+#: Bytes of the grid's projections of one block of voxels on a CPU.
+GRID_BLOCK_BYTES = 4 * 2**20
 
 
 def chunk_voxels(device: torch.device, bytes_per_voxel: int) -> int:
@@ -134,8 +136,15 @@ def _inverse_times(gram: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(gram.permute(2, 0, 1), b.T[..., None])[..., 0].T
 
 
+def _block(columns: torch.Tensor) -> int:
+    """Columns of ``(n, A)`` per block of work: :data:`CACHE_ELEMENTS` on a CPU, all on a GPU."""
+    if columns.device.type != "cpu":
+        return max(1, columns.shape[1])
+    return max(1, CACHE_ELEMENTS // max(1, columns.shape[0]))
+
+
 def _profile(
-    model: SeparableModel, ys: torch.Tensor, u: torch.Tensor, yy: torch.Tensor
+    model: SeparableModel, ys: torch.Tensor, u: torch.Tensor, yy: torch.Tensor, ysum: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_profile_block` in blocks of columns small enough to stay in a CPU's cache.
 
@@ -144,11 +153,17 @@ def _profile(
     takes all columns at once. ``yy`` holds the squared norms of the columns, which do not
     change with tau.
     """
-    block = ys.shape[1] if ys.device.type != "cpu" else max(1, CACHE_ELEMENTS // ys.shape[0])
+    block = _block(ys)
     if ys.shape[1] <= block:
-        return _profile_block(model, ys, u, yy)
+        return _profile_block(model, ys, u, yy, ysum)
     parts = [
-        _profile_block(model, ys[:, i : i + block], u[i : i + block], yy[i : i + block])
+        _profile_block(
+            model,
+            ys[:, i : i + block],
+            u[i : i + block],
+            yy[i : i + block],
+            ysum[i : i + block],
+        )  # fmt: skip
         for i in range(0, ys.shape[1], block)
     ]
     f, g, h, c = zip(*parts, strict=True)
@@ -156,7 +171,7 @@ def _profile(
 
 
 def _profile_block(
-    model: SeparableModel, ys: torch.Tensor, u: torch.Tensor, yy: torch.Tensor
+    model: SeparableModel, ys: torch.Tensor, u: torch.Tensor, yy: torch.Tensor, ysum: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Variable-projection cost, its slope and Gauss-Newton curvature in ``u = ln tau``.
 
@@ -173,6 +188,8 @@ def _profile_block(
     y]`, computed in one pass over the n time points; the rest works on ``(A,)`` vectors.
     Returns f, df/du, d²f/du² (>= 0) and c ``(p, A)``.
     """
+    if model.decay is not None:
+        return _profile_decay(model, ys, u, yy, ysum)
     tau = u.exp()
     phi, dphi = model.basis_fn(tau)  # (n, p, A)
     p = phi.shape[1]
@@ -208,6 +225,49 @@ def _profile_block(
     return cost, slope, curvature, c
 
 
+def _profile_decay(
+    model: SeparableModel, ys: torch.Tensor, u: torch.Tensor, yy: torch.Tensor, ysum: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r""":func:`_profile_block` for a basis :math:`\phi = \alpha + \beta e` (``model.decay``).
+
+    With :math:`e_i = e^{-t_i/\tau}` and :math:`s_i = t_i/\tau`, every dot product is a sum
+    of :math:`e`, :math:`e^2` or :math:`e y` weighted by :math:`1, t, t^2`: three
+    ``(3, n) @ (n, A)`` products after three element-wise passes, where the general form
+    takes about sixteen. By :math:`u = \ln\tau`: :math:`\partial_u e = e s` and
+    :math:`\partial_u s = -s`, so with :math:`b = \phi^T y` and :math:`g = \phi^T\phi` the
+    cost :math:`f = \|y\|^2 - b^2/g` has the exact second derivative too (Newton's method,
+    not Gauss-Newton's: the residual's curvature is in it). It is returned where positive,
+    Gauss-Newton's curvature elsewhere. ``ysum`` holds the sums of the columns of ``ys``.
+    """
+    alpha, beta = model.decay
+    n = ys.shape[0]
+    t = model.times.to(ys)
+    r = torch.exp(-u)  # 1 / tau
+    e = torch.exp2(torch.outer(t * -_LOG2_E, r))
+    weights = torch.stack([torch.ones_like(t), t, t * t])  # (3, n)
+    se, see, sey = weights @ e, weights @ (e * e), weights @ (e * ys)
+    # b, g and their first and second derivatives by u
+    b = alpha * ysum + beta * sey[0]
+    db = beta * r * sey[1]
+    d2b = beta * (r * r * sey[2] - r * sey[1])
+    g = alpha * alpha * n + 2 * alpha * beta * se[0] + beta * beta * see[0]
+    dg = 2 * r * (alpha * beta * se[1] + beta * beta * see[1])
+    d2g = 2 * alpha * beta * (r * r * se[2] - r * se[1]) + 2 * beta * beta * (
+        2 * r * r * see[2] - r * see[1]
+    )
+    c = b / g
+    slope = c * (c * dg - 2 * db)
+    exact = c * c * d2g - 2 * (db * db + b * d2b) / g + c * dg * (4 * db - 2 * c * dg) / g
+    # Gauss-Newton's curvature: 2 (c^2 dd + (z^2 - q^2) / g), q = c x, z = db - q, x = dg / 2
+    q = 0.5 * c * dg
+    z = db - q
+    dd = (beta * r) ** 2 * see[2]  # dphi . dphi
+    gauss_newton = 2 * (c * c * dd + (z * z - q * q) / g).clamp_min(0)
+    curvature = torch.where(exact > 0, exact, gauss_newton)
+    cost = (yy - c * b).clamp_min(0)
+    return cost, slope, curvature, c[None]
+
+
 # --- stage 1: the grid -----------------------------------------------------------------------
 
 
@@ -229,41 +289,54 @@ def _grid_search(
     r"""Per pattern: best grid index, its score, the scores at k-1, k, k+1 and k-w ... k+w.
 
     ``signed`` holds the data of each sign pattern, ``(n, V)`` each. The score is
-    :math:`\|P_k s y\|^2`, the largest score the least cost. ``buffer`` holds the
-    ``(V, p * K)`` projections and is reused from pattern to pattern and chunk to chunk; the
-    voxels run along its rows, so the search over the grid reduces contiguous memory (about
-    twice as fast on a CPU as along the columns). Returns tensors of shape ``(S, V)``,
-    ``(S, V)``, ``(S, 3, V)`` and ``(S, 2 w + 1, V)`` (indices clamped to the grid).
+    :math:`\|P_k s y\|^2`, the largest score the least cost. ``buffer`` holds the projections
+    of one block of voxels, ``(B, p * K)``, reused from block to block (a block that fits the
+    cache: the search over the grid then reads it from there); the voxels run along its rows,
+    so the search reduces contiguous memory (about twice as fast on a CPU as along the
+    columns). Returns tensors of shape ``(S, V)``, ``(S, V)``, ``(S, 3, V)`` and
+    ``(S, 2 w + 1, V)`` (indices clamped to the grid).
     """
-    n_grid = qmat.shape[1] // p
-    best_k, best, around, window = [], [], [], []
-    offsets = torch.arange(-width, width + 1, device=qmat.device)
-    # MKL splits the rows of a product with few rows (5 to 30 voxels) between its threads,
-    # and the projections' rounding then depends on their number; so few voxels gain nothing
-    # from threads, so they take one, and the fit does not depend on the thread count
-    serial = qmat.device.type == "cpu" and signed[0].shape[1] < 1024
-    for ys in signed:
-        out = buffer[: qmat.shape[1] * ys.shape[1]].view(ys.shape[1], qmat.shape[1])
-        with _threads(1 if serial else torch.get_num_threads()):
-            projection = torch.matmul(ys.T.to(qmat.dtype), qmat, out=out)
-        scores = projection.square_()
-        if p > 1:
-            scores = scores.view(-1, p, n_grid).sum(1)
-        score, k = scores.max(1)
-        inner = k.clamp(1, n_grid - 2)
-        best_k.append(k)
-        best.append(score)
-        around.append(scores.gather(1, torch.stack([inner - 1, inner, inner + 1], 1)).T)
-        if width:
-            near = (k[:, None] + offsets).clamp(0, n_grid - 1)
-            window.append(scores.gather(1, near).T)
-    dtype = signed[0].dtype
-    return (
-        torch.stack(best_k),
-        torch.stack(best).to(dtype),
-        torch.stack(around).to(dtype),
-        torch.stack(window).to(dtype) if width else qmat.new_empty(0, dtype=dtype),
-    )
+    n_grid, columns = qmat.shape[1] // p, qmat.shape[1]
+    n_voxels, device, dtype = signed[0].shape[1], qmat.device, signed[0].dtype
+    block = max(1, buffer.numel() // columns)
+    offsets = torch.arange(-width, width + 1, device=device)
+    # one coefficient, a basis and data without negative numbers: the projections are >= 0,
+    # so the largest projection has the largest score, and only the few gathered are squared
+    positive = p == 1 and bool((qmat >= 0).all()) and all(bool((y >= 0).all()) for y in signed)
+    shape = (len(signed), n_voxels)
+    best_k = torch.empty(shape, dtype=torch.long, device=device)
+    best = torch.empty(shape, dtype=qmat.dtype, device=device)
+    around = torch.empty((shape[0], 3, n_voxels), dtype=qmat.dtype, device=device)
+    window = torch.empty((shape[0], 2 * width + 1 if width else 0, n_voxels), dtype=qmat.dtype,
+                         device=device)  # fmt: skip
+    for s, ys in enumerate(signed):
+        for start in range(0, n_voxels, block):
+            sl = slice(start, min(n_voxels, start + block))
+            rows = sl.stop - sl.start
+            out = buffer[: columns * rows].view(rows, columns)
+            # MKL splits the rows of a product with few rows (5 to 30 voxels) between its
+            # threads, and the projections' rounding then depends on their number; so few
+            # voxels gain nothing from threads, so they take one, and the fit does not depend
+            # on the thread count
+            serial = device.type == "cpu" and rows < 1024
+            with _threads(1 if serial else torch.get_num_threads()):
+                scores = torch.matmul(ys[:, sl].T.to(qmat.dtype), qmat, out=out)
+            if not positive:
+                scores = scores.square_()
+                if p > 1:
+                    scores = scores.view(rows, p, n_grid).sum(1)
+            score, k = scores.max(1)
+            inner = k.clamp(1, n_grid - 2)
+            near = torch.stack([inner - 1, inner, inner + 1], 1)
+            if width:
+                near = torch.cat([near, (k[:, None] + offsets).clamp(0, n_grid - 1)], 1)
+            values = scores.gather(1, near).T
+            if positive:
+                score, values = score.square(), values.square()
+            best_k[s, sl], best[s, sl] = k, score
+            around[s, :, sl] = values[:3]
+            window[s, :, sl] = values[3:]
+    return best_k, best.to(dtype), around.to(dtype), window.to(dtype)
 
 
 def _parabola(around: torch.Tensor, k: torch.Tensor, log_grid: torch.Tensor) -> torch.Tensor:
@@ -278,7 +351,55 @@ def _parabola(around: torch.Tensor, k: torch.Tensor, log_grid: torch.Tensor) -> 
     return log_grid[k] + offset * spacing
 
 
+def _quartic(
+    window: torch.Tensor,
+    k: torch.Tensor,
+    log_grid: torch.Tensor,
+    fallback: torch.Tensor,
+    smooth: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ln tau of the top of the quartic through the scores at k-2 ... k+2, or ``fallback``.
+
+    ``window`` holds the scores at k-w ... k+w (w >= 2), ``(2 w + 1, V)``. A parabola through
+    three grid values puts the start about a tenth of a grid step off (the profile is not a
+    parabola over two grid steps), and then Newton's method needs two steps to converge; the
+    quartic's top is about ten times closer, and one step does. Used where the five values lie
+    inside the grid, the quartic curves downwards and, for the seed model, ``smooth`` (no null
+    between k-2 and k+2); ``fallback`` elsewhere, and for a grid whose ln tau is not evenly
+    spaced.
+    """
+    n_grid = log_grid.numel()
+    steps = log_grid[1:] - log_grid[:-1]
+    spacing = steps.mean()
+    if n_grid < 5 or not bool(((steps - spacing).abs() <= 1e-9 * spacing).all()):
+        return fallback
+    w = window.shape[0] // 2
+    v0, v1, v2, v3, v4 = window[w - 2 : w + 3]
+    a1 = (v0 - 8 * v1 + 8 * v3 - v4) / 12  # the quartic's coefficients, in grid steps from k
+    a2 = (16 * (v1 + v3) - v0 - v4 - 30 * v2) / 24
+    a3 = (2 * (v1 - v3) + v4 - v0) / 12
+    a4 = (v0 + v4 - 4 * (v1 + v3) + 6 * v2) / 24
+    x = (-a1 / (2 * a2)).clamp(-1, 1)
+    for _ in range(3):  # Newton's method on the quartic's slope
+        d1 = a1 + x * (2 * a2 + x * (3 * a3 + 4 * a4 * x))
+        d2 = 2 * a2 + x * (6 * a3 + 12 * a4 * x)
+        x = (x - d1 / d2).clamp(-1, 1)
+    ok = (a2 < 0) & (d2 < 0) & (k >= 2) & (k <= n_grid - 3) & torch.isfinite(x)
+    if smooth is not None:
+        ok &= smooth
+    return torch.where(ok, log_grid[k] + x * spacing, fallback)
+
+
 # --- stage 2: one-dimensional Levenberg-Marquardt on ln tau ---------------------------------
+
+
+def _take(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The columns ``keep`` of ``x (..., A)``.
+
+    ``index_select`` for vectors (three times faster than indexing on a CPU), indexing for
+    arrays (faster than ``index_select`` there).
+    """
+    return x.index_select(0, keep) if x.dim() == 1 else x[..., keep]
 
 
 def _refine(
@@ -303,8 +424,8 @@ def _refine(
     """
     lo, hi = (torch.as_tensor(b, dtype=u.dtype, device=u.device).log().expand_as(u) for b in bounds)
     u = u.clamp(lo, hi)
-    yy = (ys * ys).sum(0)
-    fa, ga, ha, ca = _profile(model, ys, u, yy)
+    yy, ysum = (ys * ys).sum(0), ys.sum(0)
+    fa, ga, ha, ca = _profile(model, ys, u, yy, ysum)
     cost, c = fa.clone(), ca.clone()
     iterations = torch.zeros_like(u, dtype=torch.long)
     index = torch.arange(u.numel(), device=u.device)
@@ -314,58 +435,80 @@ def _refine(
     def pinned(u, g):  # on a bound, and the cost still falls beyond it
         return ((u <= lo) & (g > 0)) | ((u >= hi) & (g < 0))
 
+    exact = model.decay is not None
+
+    def leave(ua, ga, ha, lo, hi):
+        # ln tau as written back. With the exact curvature (Newton's method), a column whose
+        # next step is below tol takes that step without another evaluation: it lands within
+        # about the square of that step of the minimum (the coefficients follow from tau, see
+        # _statistics), where stopping before it would leave up to tol
+        if not exact:
+            return ua
+        on_bound = ((ua <= lo) & (ga > 0)) | ((ua >= hi) & (ga < 0))
+        last = (ga.abs() <= tol * ha) & (ha > 0) & ~on_bound
+        return torch.where(last, (ua - ga / ha).clamp(lo, hi), ua)
+
     # the working set holds only the columns still iterating; the others are written back once
     going = ~(pinned(u, ga) | (ga.abs() <= tol * ha))  # on a bound, or already converged
+    u = leave(u, ga, ha, lo, hi)
     ua, ya, lam = u.clone(), ys, torch.full_like(u, 1e-3)
     radius = torch.full_like(u, MAX_LOG_STEP)  # doubles while full steps keep being accepted
     if not bool(going.all()):
         finished = finished + (fa * main)[~going].sum()
         keep = torch.nonzero(going)[:, 0]  # one index for all: one device sync, not ten
-        index, ua, ya, yy, fa, ga, ha, ca, lam, radius, main, lo, hi = (
-            x[..., keep] for x in (index, ua, ya, yy, fa, ga, ha, ca, lam, radius, main, lo, hi)
+        index, ua, ya, yy, ysum, fa, ga, ha, ca, lam, radius, main, lo, hi = (
+            _take(x, keep)
+            for x in (index, ua, ya, yy, ysum, fa, ga, ha, ca, lam, radius, main, lo, hi)
         )
     if history is not None:
         history.append(finished + (fa * main).sum())
-    for _ in range(max_iter):
+    done_after = 0  # iterations made
+    for it in range(1, max_iter + 1):
         if index.numel() == 0:
             break
-        step = -ga / (ha * (1 + lam)).clamp_min(1e-300)
-        step = torch.maximum(torch.minimum(step, radius), -radius)
-        trial = (ua + step).clamp(lo, hi)
-        f_t, g_t, h_t, c_t = _profile(model, ya, trial, yy)
+        done_after = it
+        step = (ga / (ha * (1 + lam)).clamp_min(1e-300)).clamp_(-radius, radius)
+        trial = (ua - step).clamp_(lo, hi)
+        f_t, g_t, h_t, c_t = _profile(model, ya, trial, yy, ysum)
         accept = f_t <= fa  # False for NaN
-        moved = (trial - ua).abs()
+        moved = (trial - ua).abs_()
         # Gauss-Newton ignores the residual's own curvature, which on noisy voxels makes its
         # steps overshoot and oscillate; the secant of the slope over the step measures the
         # true curvature, and is used where it is positive (superlinear, like the secant method)
-        secant = (g_t - ga) / (trial - ua)
-        ha = torch.where(
-            torch.isfinite(secant) & (secant > 0), secant, torch.where(accept, h_t, ha)
-        )
+        if not exact:
+            secant = (g_t - ga) / (trial - ua)
+            good = torch.isfinite(secant) & (secant > 0)
+            ha = torch.where(good, secant, torch.where(accept, h_t, ha))
+        else:  # the exact curvature (Newton's method, quadratic convergence)
+            ha = torch.where(accept, h_t, ha)
         ua = torch.where(accept, trial, ua)
         fa = torch.where(accept, f_t, fa)
         ga = torch.where(accept, g_t, ga)
         ca = torch.where(accept, c_t, ca)
         lam = torch.where(accept, lam * 0.3, lam * 10)
         full = accept & (moved >= radius * 0.999)
-        radius = torch.where(full, radius * 2, torch.where(accept, radius, radius * 0.5))
-        iterations[index] += 1
-        flat = ga * ga <= 1e-10 * fa * ha
-        # converged: the step taken, or the Newton step still to take, is below tol
-        converged = (moved <= tol) | (ga.abs() <= tol * ha) | flat
+        radius = radius * torch.where(full, 2.0, torch.where(accept, 1.0, 0.5))
+        # converged: the step taken, or the Newton step still to take, is below tol, or the
+        # cost cannot fall by more than 1e-10 of itself (a flat minimum)
+        small = ga.abs() <= tol * ha
+        converged = (moved <= tol) | small | (ga * ga <= 1e-10 * fa * ha)
         done = (accept & converged) | pinned(ua, ga) | (lam > 1e6)
         if history is not None:
             history.append(finished + (fa * main).sum())
         # drop the finished columns once they are worth a copy of the working set (an eighth)
         if int(done.sum()) * 8 >= index.numel():
             gone = torch.nonzero(done)[:, 0]
-            u[index[gone]], cost[index[gone]], c[:, index[gone]] = ua[gone], fa[gone], ca[:, gone]
+            leaving = index.index_select(0, gone)
+            u[leaving] = leave(*(x.index_select(0, gone) for x in (ua, ga, ha, lo, hi)))
+            cost[leaving], c[:, leaving], iterations[leaving] = fa[gone], ca[:, gone], it
             finished = finished + (fa * main)[gone].sum()
             keep = torch.nonzero(~done)[:, 0]
-            index, ua, ya, yy, fa, ga, ha, ca, lam, radius, main, lo, hi = (
-                x[..., keep] for x in (index, ua, ya, yy, fa, ga, ha, ca, lam, radius, main, lo, hi)
+            index, ua, ya, yy, ysum, fa, ga, ha, ca, lam, radius, main, lo, hi = (
+                _take(x, keep)
+                for x in (index, ua, ya, yy, ysum, fa, ga, ha, ca, lam, radius, main, lo, hi)
             )
-    u[index], cost[index], c[:, index] = ua, fa, ca
+    u[index], cost[index], c[:, index] = leave(ua, ga, ha, lo, hi), fa, ca
+    iterations[index] = done_after
     return u, cost, c, iterations
 
 
@@ -492,9 +635,20 @@ def _fit_chunk(
     else:  # signed data, or the seed model whose |basis| carries its own signs
         patterns, signed = None, [y]
     seed = model.magnitude and patterns is None
-    width = KINK_STEPS if seed and max_iter else 0
+    # the window for the kink check, and the quartic start of Newton's method
+    width = (KINK_STEPS if seed else 2 if model.decay is not None else 0) if max_iter else 0
     ks, scores, around, window = _grid_search(qmat, p, signed, buffer, width)
     starts = torch.stack([_parabola(around[s], ks[s], log_grid) for s in range(len(signed))])
+    if width:
+        smooth = None
+        if seed:  # the same sign pattern at k-2 and k+2: no null between
+            last = grid_pattern.numel() - 1
+            smooth = (
+                grid_pattern[(ks[0] - 2).clamp(0, last)] == grid_pattern[(ks[0] + 2).clamp(0, last)]
+            )
+        starts = torch.stack(
+            [_quartic(window[s], ks[s], log_grid, starts[s], smooth) for s in range(len(signed))]
+        )
     if patterns is not None:  # every pattern from its own best grid value, the best first
         order = torch.argsort(scores, dim=0, descending=True)  # (S, V)
         js = torch.stack(patterns).gather(0, order)
@@ -598,7 +752,10 @@ def _seed_kink_check(
         )
         _take_better(best, voxels_t, (cost, u, c, js_t))
     for _ in range(KINK_ROUNDS):
-        own = _seed_pattern(model, best[1].exp(), n)
+        if kinks is not None:  # the number of nulls below tau
+            own = torch.remainder(torch.searchsorted(kinks, best[1]), n)
+        else:
+            own = _seed_pattern(model, best[1].exp(), n)
         moved = torch.nonzero(own != torch.remainder(best[3], n))[:, 0]
         if moved.numel() == 0:
             break
@@ -617,18 +774,43 @@ def _seed_kink_check(
 
 def _statistics(
     model: SeparableModel, y: torch.Tensor, c: torch.Tensor, tau: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RSS, R² and the diagonal of (JᵀJ)⁻¹ of the fits ``c (p, V)``, ``tau (V,)`` of ``y (n, V)``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RSS, R², the diagonal of (JᵀJ)⁻¹ and the coefficients of the fits of ``y (n, V)``.
+
+    ``c (p, V)`` and ``tau (V,)`` are the fits; for a model with a ``decay`` basis the
+    coefficient is computed again here, in closed form at tau (the refinement's last Newton
+    step moves tau without evaluating it there). In blocks of columns that fit a CPU's cache,
+    like :func:`_profile`.
+    """
+    block = _block(y)
+    if y.shape[1] <= block:
+        return _statistics_block(model, y, c, tau)
+    parts = [
+        _statistics_block(model, y[:, i : i + block], c[:, i : i + block], tau[i : i + block])
+        for i in range(0, y.shape[1], block)
+    ]
+    rss, r_squared, inverse_diag, coefficients = zip(*parts, strict=True)
+    return torch.cat(rss), torch.cat(r_squared), torch.cat(inverse_diag), torch.cat(coefficients, 1)
+
+
+def _statistics_block(
+    model: SeparableModel, y: torch.Tensor, c: torch.Tensor, tau: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_statistics` of one block of columns.
 
     For magnitude data the Jacobian is that of the signed model times the sign of the signal,
     which leaves JᵀJ unchanged, so the signed model's columns serve.
     """
     phi, dphi = model.basis_fn(tau)  # (n, p, V)
+    if model.decay is not None:  # c = |phi|.y / phi.phi (phi.y for signed data), M0 >= 0
+        f0 = phi[:, 0]
+        c = ((f0.abs() if model.magnitude else f0) * y).sum(0) / (f0 * f0).sum(0)
+        c = (c.abs() if model.magnitude else c)[None]
     columns = [*phi.unbind(1), (dphi * c[None]).sum(1)]  # J's columns: by c_i, and by tau
     signal = (phi * c[None]).sum(1)
     if model.magnitude:
         signal = signal.abs()
-    return _goodness(y - signal, columns, y)
+    return (*_goodness(y - signal, columns, y), c)
 
 
 def _flatten(
@@ -747,7 +929,9 @@ def fit_varpro(
     candidates = 3 if model.magnitude and lm_iterations else 1
     per_voxel = grid.numel() * p * 4 + candidates * n * 8 * 12 + n * 8 * 4
     chunk = min(n_voxels, chunk_voxels(device, per_voxel)) or 1
-    buffer = torch.empty(qmat.shape[1] * chunk, dtype=grid_dtype, device=device)
+    # the grid's projections of one block of voxels (all of a chunk on a GPU)
+    grid_block = chunk if device.type != "cpu" else max(1, GRID_BLOCK_BYTES // (qmat.shape[1] * 4))
+    buffer = torch.empty(qmat.shape[1] * min(chunk, grid_block), dtype=grid_dtype, device=device)
     finite, has_signal = voxel_status(voxels)
     coefficients = torch.empty((p, n_voxels), dtype=dtype, device=device)
     tau = torch.empty(n_voxels, dtype=dtype, device=device)
@@ -769,7 +953,7 @@ def fit_varpro(
                 history,
             )  # fmt: skip
             history_chunks.append(torch.stack(history).tolist() if history else [])
-            rss[sl], r_squared[sl], inverse_diag[sl] = _statistics(model, y, c, t)
+            rss[sl], r_squared[sl], inverse_diag[sl], c = _statistics(model, y, c, t)
             coefficients[:, sl], tau[sl] = c, t
     # A grid search alone cannot leave its grid: a voxel at either end is pinned there.
     pinned = at_bound(tau, model.bounds if lm_iterations else (grid.min(), grid.max()))
