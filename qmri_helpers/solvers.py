@@ -54,6 +54,7 @@ from .fitting import (
     _goodness,
     _gram,
     _result,
+    _ridged_inverse_diagonal,
     _threads,
     thread_policy,
 )
@@ -735,10 +736,14 @@ def _seed_kink_check(
         if chosen.numel() == 0:
             continue
         # the best grid value past the null, as the start
-        at = torch.where(past[:, chosen], window[:, chosen], -torch.inf).max(0).indices
+        scores = torch.where(
+            past.index_select(1, chosen), window.index_select(1, chosen), -torch.inf
+        )
+        at = scores.max(0).indices
         voxels.append(chosen)
-        js.append(j[chosen] + side)
-        us.append(log_grid[near_k[at, chosen]])
+        js.append(j.index_select(0, chosen) + side)
+        start_k = near_k.index_select(1, chosen).gather(0, at[None])[0]
+        us.append(log_grid.index_select(0, start_k))
     if voxels:
         voxels_t = torch.cat(voxels)
         js_t = torch.cat(js)
@@ -801,16 +806,50 @@ def _statistics_block(
     For magnitude data the Jacobian is that of the signed model times the sign of the signal,
     which leaves JᵀJ unchanged, so the signed model's columns serve.
     """
+    if model.decay is not None:
+        return _statistics_decay(model, y, tau)
     phi, dphi = model.basis_fn(tau)  # (n, p, V)
-    if model.decay is not None:  # c = |phi|.y / phi.phi (phi.y for signed data), M0 >= 0
-        f0 = phi[:, 0]
-        c = ((f0.abs() if model.magnitude else f0) * y).sum(0) / (f0 * f0).sum(0)
-        c = (c.abs() if model.magnitude else c)[None]
     columns = [*phi.unbind(1), (dphi * c[None]).sum(1)]  # J's columns: by c_i, and by tau
     signal = (phi * c[None]).sum(1)
     if model.magnitude:
         signal = signal.abs()
     return (*_goodness(y - signal, columns, y), c)
+
+
+def _statistics_decay(
+    model: SeparableModel, y: torch.Tensor, tau: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r""":func:`_statistics_block` for a basis :math:`\phi = \alpha + \beta e` (``model.decay``).
+
+    The coefficient :math:`c = |\phi|^T y / \phi^T\phi` (:math:`\phi^T y` for signed data;
+    :math:`M_0 \ge 0` for magnitudes), then :math:`RSS = \|y\|^2 - 2 c\, b + c^2 g` and
+    :math:`J^TJ` from the sums of :math:`e` and :math:`e^2` weighted by :math:`1, t, t^2`, as in
+    :func:`_profile_decay`: the same numbers as the general form with fewer operations.
+    """
+    alpha, beta = model.decay
+    n = y.shape[0]
+    t = model.times.to(y)
+    r = 1 / tau
+    e = torch.exp2(torch.outer(t * -_LOG2_E, r))
+    phi = torch.rsub(e, alpha, alpha=-beta)  # alpha + beta e
+    if model.magnitude:
+        phi = phi.abs_()
+    b = (phi * y).sum(0)
+    weights = torch.stack([torch.ones_like(t), t, t * t])  # (3, n)
+    se, see = weights @ e, weights @ (e * e)
+    g = alpha * alpha * n + 2 * alpha * beta * se[0] + beta * beta * see[0]
+    c = b / g
+    if model.magnitude:
+        c = c.abs()
+    yy = (y * y).sum(0)
+    rss = (yy - 2 * c * b + c * c * g).clamp_min(0)
+    tss = (y - y.mean(0)).square_().sum(0)
+    r_squared = 1 - rss / tss.clamp_min(torch.finfo(y.dtype).tiny)
+    # J's columns: phi and c dphi/dtau, dphi/dtau = beta e t / tau^2
+    x = c * beta * r * r * (alpha * se[1] + beta * see[1])
+    dd = (c * beta * r * r) ** 2 * see[2]
+    fisher = torch.stack([torch.stack([g, x], -1), torch.stack([x, dd], -1)], -2)  # (V, 2, 2)
+    return rss, r_squared, _ridged_inverse_diagonal(fisher), c[None]
 
 
 def _flatten(
