@@ -241,31 +241,35 @@ def _profile_decay(
     Gauss-Newton's curvature elsewhere. ``ysum`` holds the sums of the columns of ``ys``.
     """
     alpha, beta = model.decay
-    n = ys.shape[0]
     t = model.times.to(ys)
     r = torch.exp(-u)  # 1 / tau
     e = torch.exp2(torch.outer(t * -_LOG2_E, r))
     weights = torch.stack([torch.ones_like(t), t, t * t])  # (3, n)
     se, see, sey = weights @ e, weights @ (e * e), weights @ (e * ys)
-    # b, g and their first and second derivatives by u
-    b = alpha * ysum + beta * sey[0]
-    db = beta * r * sey[1]
-    d2b = beta * (r * r * sey[2] - r * sey[1])
-    g = alpha * alpha * n + 2 * alpha * beta * se[0] + beta * beta * see[0]
-    dg = 2 * r * (alpha * beta * se[1] + beta * beta * see[1])
-    d2g = 2 * alpha * beta * (r * r * se[2] - r * se[1]) + 2 * beta * beta * (
-        2 * r * r * see[2] - r * see[1]
-    )
+    # b = phi.y, g = phi.phi and their first and second derivatives by u, written so that
+    # few operations on (A,) vectors remain: dg = kappa r m1, d2g = kappa r (r m2 - m1)
+    br = beta * r
+    b = beta * sey[0] + alpha * ysum if alpha else beta * sey[0]
+    db = br * sey[1]
+    d2b = br * (r * sey[2] - sey[1])
+    if alpha:
+        g = torch.add(se[0], see[0], alpha=beta / (2 * alpha)).mul_(2 * alpha * beta)
+        g = g.add_(alpha * alpha * ys.shape[0])
+        kappa, m1 = 2 * alpha * beta, torch.add(se[1], see[1], alpha=beta / alpha)
+        m2 = torch.add(se[2], see[2], alpha=2 * beta / alpha)
+    else:
+        g, kappa, m1, m2 = beta * beta * see[0], 2 * beta * beta, see[1], 2 * see[2]
+    kr = kappa * r
+    dg = m1 * kr
+    d2g = (r * m2 - m1).mul_(kr)
     c = b / g
-    slope = c * (c * dg - 2 * db)
-    exact = c * c * d2g - 2 * (db * db + b * d2b) / g + c * dg * (4 * db - 2 * c * dg) / g
-    # Gauss-Newton's curvature: 2 (c^2 dd + (z^2 - q^2) / g), q = c x, z = db - q, x = dg / 2
-    q = 0.5 * c * dg
-    z = db - q
-    dd = (beta * r) ** 2 * see[2]  # dphi . dphi
-    gauss_newton = 2 * (c * c * dd + (z * z - q * q) / g).clamp_min(0)
+    w = db - c * dg  # dPhi^T r, the residual's projection on the derivative
+    slope = (w + db).mul_(c).neg_()  # c (c dg - 2 db)
+    exact = (c * d2g - 2 * d2b).mul_(c) - 2 * w * w / g
+    # Gauss-Newton's curvature: 2 (c^2 dphi.dphi + w db / g)
+    gauss_newton = ((c * br).square_().mul_(see[2]) + w * db / g).clamp_min_(0).mul_(2)
     curvature = torch.where(exact > 0, exact, gauss_newton)
-    cost = (yy - c * b).clamp_min(0)
+    cost = (yy - c * b).clamp_min_(0)
     return cost, slope, curvature, c[None]
 
 
@@ -438,20 +442,22 @@ def _refine(
 
     exact = model.decay is not None
 
-    def leave(ua, ga, ha, lo, hi):
-        # ln tau as written back. With the exact curvature (Newton's method), a column whose
-        # next step is below tol takes that step without another evaluation: it lands within
-        # about the square of that step of the minimum (the coefficients follow from tau, see
-        # _statistics), where stopping before it would leave up to tol
+    def leave(ua, fa, ga, ha, lo, hi):
+        # ln tau as written back. With the exact curvature (Newton's method), a column that has
+        # converged (its next step below tol, or a flat minimum) takes that step without
+        # another evaluation: it lands within about the square of that step of the minimum
+        # (the coefficients follow from tau, see _statistics), where stopping before it would
+        # leave up to the step itself
         if not exact:
             return ua
         on_bound = ((ua <= lo) & (ga > 0)) | ((ua >= hi) & (ga < 0))
-        last = (ga.abs() <= tol * ha) & (ha > 0) & ~on_bound
+        small = (ga.abs() <= tol * ha) | (ga * ga <= 1e-10 * fa * ha)
+        last = small & (ha > 0) & ~on_bound
         return torch.where(last, (ua - ga / ha).clamp(lo, hi), ua)
 
     # the working set holds only the columns still iterating; the others are written back once
     going = ~(pinned(u, ga) | (ga.abs() <= tol * ha))  # on a bound, or already converged
-    u = leave(u, ga, ha, lo, hi)
+    u = torch.where(going, u, leave(u, fa, ga, ha, lo, hi))
     ua, ya, lam = u.clone(), ys, torch.full_like(u, 1e-3)
     radius = torch.full_like(u, MAX_LOG_STEP)  # doubles while full steps keep being accepted
     if not bool(going.all()):
@@ -500,7 +506,7 @@ def _refine(
         if int(done.sum()) * 8 >= index.numel():
             gone = torch.nonzero(done)[:, 0]
             leaving = index.index_select(0, gone)
-            u[leaving] = leave(*(x.index_select(0, gone) for x in (ua, ga, ha, lo, hi)))
+            u[leaving] = leave(*(x.index_select(0, gone) for x in (ua, fa, ga, ha, lo, hi)))
             cost[leaving], c[:, leaving], iterations[leaving] = fa[gone], ca[:, gone], it
             finished = finished + (fa * main)[gone].sum()
             keep = torch.nonzero(~done)[:, 0]
@@ -508,7 +514,7 @@ def _refine(
                 _take(x, keep)
                 for x in (index, ua, ya, yy, ysum, fa, ga, ha, ca, lam, radius, main, lo, hi)
             )
-    u[index], cost[index], c[:, index] = leave(ua, ga, ha, lo, hi), fa, ca
+    u[index], cost[index], c[:, index] = leave(ua, fa, ga, ha, lo, hi), fa, ca
     iterations[index] = done_after
     return u, cost, c, iterations
 
