@@ -185,10 +185,11 @@ class SeparableModel:
         IR curve whose shape the coefficients set). Models whose sign pattern follows from
         tau alone (the seed IR model) need no search.
     decay
-        For a one-coefficient basis :math:`\alpha + \beta e^{-t/\tau}`, the pair
-        :math:`(\alpha, \beta)`, else None. The solvers then compute the projections from
-        sums of the exponentials (:func:`~qmri_helpers.solvers.fit_lm`), the same numbers with
-        fewer operations.
+        For a basis whose curves are :math:`\alpha_j + \beta_j e^{-t/\tau}` (one exponential
+        for all), the pairs :math:`((\alpha_1, \beta_1), \ldots)`, else None. The solvers then
+        compute the projections and their derivatives from sums of the exponential
+        (:func:`~qmri_helpers.solvers.fit_lm`): the same numbers with fewer operations, and
+        the exact curvature for Newton's method.
     """
 
     name: str
@@ -200,7 +201,7 @@ class SeparableModel:
     bounds: tuple[float, float]
     derive: Callable[[torch.Tensor], dict[str, torch.Tensor]]
     polarity: bool = False
-    decay: tuple[float, float] | None = None
+    decay: tuple[tuple[float, float], ...] | None = None
 
     def basis(self, tau: torch.Tensor) -> torch.Tensor:
         r"""Basis curves :math:`\phi(t; \tau)`, shape ``(n, p, ...)``."""
@@ -257,7 +258,7 @@ def ir_seed_model(ti: torch.Tensor, magnitude: bool = True) -> SeparableModel:
 
     return SeparableModel(
         "IR |M0 (1 - 2 exp(-TI/T1))|", ("m0",), "t1", torch.as_tensor(ti), basis,
-        magnitude, (1e-3, 10.0), lambda c: {"m0": c[0]}, decay=(1.0, -2.0),
+        magnitude, (1e-3, 10.0), lambda c: {"m0": c[0]}, decay=((1.0, -2.0),),
     )  # fmt: skip
 
 
@@ -276,6 +277,7 @@ def ir_three_parameter_model(ti: torch.Tensor, magnitude: bool = True) -> Separa
     return SeparableModel(
         "IR |a + b exp(-TI/T1)|", ("a", "b"), "t1", torch.as_tensor(ti), basis,
         magnitude, (1e-3, 10.0), lambda c: {"a": c[0], "b": c[1]}, polarity=magnitude,
+        decay=((1.0, 0.0), (0.0, 1.0)),
     )  # fmt: skip
 
 
@@ -339,7 +341,7 @@ def mono_exp_model(te: torch.Tensor, name: str = "t2star") -> SeparableModel:
 
     return SeparableModel(
         f"M0 exp(-TE/{name})", ("m0",), name, torch.as_tensor(te), basis,
-        False, (1e-4, 10.0), lambda c: {"m0": c[0]}, decay=(0.0, 1.0),
+        False, (1e-4, 10.0), lambda c: {"m0": c[0]}, decay=((0.0, 1.0),),
     )  # fmt: skip
 
 

@@ -226,21 +226,107 @@ def _profile_block(
     return cost, slope, curvature, c
 
 
+def _combine(*terms: tuple[float, torch.Tensor]) -> torch.Tensor | float:
+    """The sum of ``coefficient * tensor`` over ``terms``, skipping zero coefficients."""
+    total: torch.Tensor | float = 0.0
+    for coefficient, x in terms:
+        if coefficient:
+            total = coefficient * x if isinstance(total, float) else total.add(x, alpha=coefficient)
+    return total
+
+
+def _solve(gram: list[list], b: list) -> list:
+    """``G⁻¹ b`` for symmetric 1x1 or 2x2 Gram matrices of ``(A,)`` entries, written out."""
+    if len(b) == 1:
+        return [b[0] / gram[0][0]]
+    g00, g01, g11 = gram[0][0], gram[0][1], gram[1][1]
+    det = g00 * g11 - g01 * g01
+    return [(g11 * b[0] - g01 * b[1]) / det, (g00 * b[1] - g01 * b[0]) / det]
+
+
+def _dot(x: list, y: list) -> torch.Tensor:
+    total = x[0] * y[0]
+    for a, b in zip(x[1:], y[1:], strict=True):
+        total = total + a * b
+    return total
+
+
 def _profile_decay(
     model: SeparableModel, ys: torch.Tensor, u: torch.Tensor, yy: torch.Tensor, ysum: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    r""":func:`_profile_block` for a basis :math:`\phi = \alpha + \beta e` (``model.decay``).
+    r""":func:`_profile_block` for curves :math:`\phi_j = \alpha_j + \beta_j e` (``model.decay``).
 
-    With :math:`e_i = e^{-t_i/\tau}` and :math:`s_i = t_i/\tau`, every dot product is a sum
-    of :math:`e`, :math:`e^2` or :math:`e y` weighted by :math:`1, t, t^2`: three
-    ``(3, n) @ (n, A)`` products after three element-wise passes, where the general form
-    takes about sixteen. By :math:`u = \ln\tau`: :math:`\partial_u e = e s` and
-    :math:`\partial_u s = -s`, so with :math:`b = \phi^T y` and :math:`g = \phi^T\phi` the
-    cost :math:`f = \|y\|^2 - b^2/g` has the exact second derivative too (Newton's method,
-    not Gauss-Newton's: the residual's curvature is in it). It is returned where positive,
-    Gauss-Newton's curvature elsewhere. ``ysum`` holds the sums of the columns of ``ys``.
+    With :math:`e_i = e^{-t_i/\tau}` and :math:`s_i = t_i/\tau`, every dot product of the
+    curves, their derivatives by :math:`u = \ln\tau` (:math:`\partial_u e = e s`,
+    :math:`\partial_u s = -s`) and the data is a sum of :math:`e`, :math:`e^2` or :math:`e y`
+    weighted by :math:`1, s, s^2`: three ``(3, n) @ (n, A)`` products after three element-wise
+    passes, where the general form takes about sixteen per coefficient. With
+    :math:`b = \Phi^T y`, :math:`G = \Phi^T\Phi` and :math:`c = G^{-1} b`, the cost
+    :math:`f = \|y\|^2 - b^T c` has the slope :math:`c^T G' c - 2 c^T b'` and the exact second
+    derivative :math:`c^T (G'' c - 2 b'') - 2 w^T G^{-1} w`, :math:`w = b' - G' c` (Newton's
+    method, not Gauss-Newton's: the residual's curvature is in it). The curvature returned is
+    the exact one where positive, Gauss-Newton's elsewhere. ``ysum`` holds the sums of the
+    columns of ``ys``.
     """
-    alpha, beta = model.decay
+    pairs = model.decay
+    p, n = len(pairs), ys.shape[0]
+    if p == 1:
+        return _profile_decay_one(model, ys, u, yy, ysum)
+    t = model.times.to(ys)
+    r = torch.exp(-u)  # 1 / tau
+    e = torch.exp2(torch.outer(t * -_LOG2_E, r))
+    weights = torch.stack([torch.ones_like(t), t, t * t])  # (3, n)
+    se, see, sey = weights @ e, weights @ (e * e), weights @ (e * ys)
+    r2 = r * r
+    # sums over the points of e s^k, e^2 s^k, e y s^k (k = 0, 1, 2)
+    e1, e2 = r * se[1], r2 * se[2]
+    f1, f2 = r * see[1], r2 * see[2]
+    y1 = r * sey[1]
+    y21 = r2 * sey[2] - y1
+    e21, f21 = e2 - e1, 4 * f2 - 2 * f1
+    b = [_combine((alpha, ysum), (beta, sey[0])) for alpha, beta in pairs]
+    db = [beta * y1 for _, beta in pairs]
+    d2b = [beta * y21 for _, beta in pairs]
+    gram, dgram, d2gram, dd = ([[None] * p for _ in range(p)] for _ in range(4))
+    cross = [[None] * p for _ in range(p)]  # phi_j . dphi_k
+    for j, (aj, bj) in enumerate(pairs):
+        for k, (ak, bk) in enumerate(pairs):
+            mixed, both = aj * bk + bj * ak, bj * bk
+            cross[j][k] = _combine((aj * bk, e1), (both, f1))
+            if k < j:
+                gram[j][k], dgram[j][k] = gram[k][j], dgram[k][j]
+                d2gram[j][k], dd[j][k] = d2gram[k][j], dd[k][j]
+                continue
+            gram[j][k] = _combine((mixed, se[0]), (both, see[0])) + aj * ak * n
+            dgram[j][k] = _combine((mixed, e1), (2 * both, f1))
+            d2gram[j][k] = _combine((mixed, e21), (both, f21))
+            dd[j][k] = _combine((both, f2))
+    c = _solve(gram, b)
+    d_c = [_dot(row, c) for row in dgram]  # G' c
+    slope = _dot(c, d_c) - 2 * _dot(c, db)
+    w = [x - y for x, y in zip(db, d_c, strict=True)]
+    exact = _dot(c, [_dot(row, c) - 2 * x for row, x in zip(d2gram, d2b, strict=True)])
+    exact = exact - 2 * _dot(w, _solve(gram, w))
+    # Gauss-Newton's curvature: 2 (|dPhi c|^2 - q^T G^-1 q + z^T G^-1 z), q = Phi^T dPhi c,
+    # z = dPhi^T r
+    q = [_dot(row, c) for row in cross]
+    z = [x - _dot([cross[i][j] for i in range(p)], c) for j, x in enumerate(db)]
+    ww = _dot(c, [_dot(row, c) for row in dd])
+    gauss_newton = 2 * (ww - _dot(q, _solve(gram, q)) + _dot(z, _solve(gram, z))).clamp_min(0)
+    curvature = torch.where(exact > 0, exact, gauss_newton)
+    cost = (yy - _dot(c, b)).clamp_min(0)
+    return cost, slope, curvature, torch.stack(c)
+
+
+def _profile_decay_one(
+    model: SeparableModel, ys: torch.Tensor, u: torch.Tensor, yy: torch.Tensor, ysum: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_profile_decay` for one curve, with fewer operations on ``(A,)`` vectors.
+
+    The seed model's and T2*'s refinement, written out: the same formulas with
+    :math:`p = 1` (:math:`G = g`, :math:`w = b' - c g'`).
+    """
+    ((alpha, beta),) = model.decay
     t = model.times.to(ys)
     r = torch.exp(-u)  # 1 / tau
     e = torch.exp2(torch.outer(t * -_LOG2_E, r))
@@ -812,9 +898,15 @@ def _statistics_block(
     For magnitude data the Jacobian is that of the signed model times the sign of the signal,
     which leaves JᵀJ unchanged, so the signed model's columns serve.
     """
-    if model.decay is not None:
+    if model.decay is not None and len(model.decay) == 1:
         return _statistics_decay(model, y, tau)
     phi, dphi = model.basis_fn(tau)  # (n, p, V)
+    if model.decay is not None:  # Newton's last step moved tau: the coefficients again there,
+        ys = y  # with the signs of the signal for magnitude data
+        if model.magnitude:
+            ys = torch.where((phi * c[None]).sum(1) < 0, -y, y)
+        b = torch.stack([(phi[:, i] * ys).sum(0) for i in range(phi.shape[1])])
+        c = _inverse_times(_gram(phi.unbind(1)), b)
     columns = [*phi.unbind(1), (dphi * c[None]).sum(1)]  # J's columns: by c_i, and by tau
     signal = (phi * c[None]).sum(1)
     if model.magnitude:
@@ -825,14 +917,14 @@ def _statistics_block(
 def _statistics_decay(
     model: SeparableModel, y: torch.Tensor, tau: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    r""":func:`_statistics_block` for a basis :math:`\phi = \alpha + \beta e` (``model.decay``).
+    r""":func:`_statistics_block` for one curve :math:`\phi = \alpha + \beta e` (``model.decay``).
 
     The coefficient :math:`c = |\phi|^T y / \phi^T\phi` (:math:`\phi^T y` for signed data;
     :math:`M_0 \ge 0` for magnitudes), then :math:`RSS = \|y\|^2 - 2 c\, b + c^2 g` and
     :math:`J^TJ` from the sums of :math:`e` and :math:`e^2` weighted by :math:`1, t, t^2`, as in
     :func:`_profile_decay`: the same numbers as the general form with fewer operations.
     """
-    alpha, beta = model.decay
+    ((alpha, beta),) = model.decay
     n = y.shape[0]
     t = model.times.to(y)
     r = 1 / tau

@@ -78,8 +78,10 @@ def test_t2star_fit_is_the_global_optimum(truth):
     assert float(error.max()) <= 1e-4, f"max {float(error.max()):.2e}"
 
 
+_TI = torch.tensor(phantom.DEFAULT_TI, dtype=torch.float64)
 DECAY_MODELS = {
-    "seed": lambda: models.ir_seed_model(torch.tensor(phantom.DEFAULT_TI, dtype=torch.float64)),
+    "seed": lambda: models.ir_seed_model(_TI),
+    "3-parameter": lambda: models.ir_three_parameter_model(_TI),
     "T2*": lambda: models.mono_exp_model(torch.tensor(phantom.DEFAULT_TE, dtype=torch.float64)),
 }
 
@@ -89,7 +91,11 @@ def _noisy_columns(model, count=3000):
     generator = torch.Generator().manual_seed(5)
     lo, hi = (math.log(b) for b in model.bounds)
     u = torch.empty(count, dtype=torch.float64).uniform_(lo, hi, generator=generator)
-    c = torch.empty(1, count, dtype=torch.float64).uniform_(10, 1000, generator=generator)
+    c = torch.empty(len(model.linear), count, dtype=torch.float64).uniform_(
+        10, 1000, generator=generator
+    )
+    if len(model.linear) == 2:  # a + b e with b = -1.8 a: an IR curve with its null
+        c[1] = -1.8 * c[0]
     y = model(c, u.exp())
     noise = torch.randn(y.shape, dtype=torch.float64, generator=generator)
     return (y + 5 * noise).abs() if model.magnitude else y + 5 * noise, u
@@ -101,9 +107,6 @@ def test_the_decay_profile_gives_the_general_forms_numbers(name):
     model = DECAY_MODELS[name]()
     general = dataclasses.replace(model, decay=None)
     y, u = _noisy_columns(model)
-    if model.magnitude:  # the sign pattern of each column's own tau
-        y = solvers._with_pattern(y, torch.arange(y.shape[0]), solvers._seed_pattern(
-            model, u.exp(), y.shape[0]), y.shape[0])  # fmt: skip
     yy, ysum = (y * y).sum(0), y.sum(0)
     cost, slope, curvature, c = solvers._profile_decay(model, y, u, yy, ysum)
     cost_g, slope_g, _, c_g = solvers._profile_block(general, y, u, yy, ysum)
@@ -122,7 +125,7 @@ def test_the_decay_profile_gives_the_general_forms_numbers(name):
     assert float(relative.max()) <= 1e-5
 
 
-@pytest.mark.parametrize("name", list(DECAY_MODELS))
+@pytest.mark.parametrize("name", ["seed", "T2*"])
 def test_the_decay_statistics_give_the_general_forms_numbers(name):
     model = DECAY_MODELS[name]()
     general = dataclasses.replace(model, decay=None)
