@@ -526,7 +526,7 @@ def _refine(
     def pinned(u, g):  # on a bound, and the cost still falls beyond it
         return ((u <= lo) & (g > 0)) | ((u >= hi) & (g < 0))
 
-    exact = model.decay is not None
+    exact = model.decay is not None and max_iter > 0  # the grid alone stays the grid's
 
     def leave(ua, fa, ga, ha, lo, hi):
         # ln tau as written back. With the exact curvature (Newton's method), a column that has
