@@ -6,10 +6,11 @@ T1 vials) at each size. Errors are relative T1 errors over the voxels of the via
 plus golden-section search for every sign pattern (``exact_reference.py``), which shares no
 code with the solvers. On volumes the reference covers 4 of the slices. Each (solver, size)
 runs in a fresh process, so its peak memory is its own; after a warm-up call on 16x16 voxels
-the fast solvers are timed three times (the median is reported), the Adam recipes once. A
-"busy" row runs with one busy background process (a CPU loop that stops itself) on the
-machine, with the thread policy of ``qmri_helpers.fitting.thread_policy`` on and off. With
-CUDA present, GPU rows follow, with the first (warm-up) call timed apart.
+and one at full size (timed apart: the first call in a process also pays for mapping fresh
+memory), the fast solvers are timed five times (the median is reported), the Adam recipes
+once. A "busy" row runs with one busy background process (a CPU loop that stops itself) on
+the machine, with the thread policy of ``qmri_helpers.fitting.thread_policy`` on and off. With
+CUDA present, GPU rows follow.
 
     python benchmarks/fit_speed.py            # print the table (about 15 min on 2 idle cores)
     python benchmarks/fit_speed.py --readme   # also rewrite the README's results section
@@ -51,9 +52,10 @@ SEED, BEST = "seed: dictionary + 2000 Adam (fit_adam)", "exact VarPro, seed mode
 BEST_3 = "exact VarPro, 3-parameter (fit_lm)"
 #: Adam iterations of the seed recipe; on volumes (and busy rows) it runs ADAM_SHORT, scaled.
 ADAM_ITERATIONS, ADAM_SHORT = 2000, 200
-#: Timed repeats of a fast solver after its warm-up, on any device (the median is reported);
-#: the Adam recipes run once.
-REPEATS = 3
+#: Timed repeats of a fast solver after its warm-up at full size, on any device (the median
+#: is reported: a shared machine's timings scatter by a third from call to call); the Adam
+#: recipes run once.
+REPEATS = 5
 #: Slices of a volume that the reference covers.
 REFERENCE_SLICES = 4
 #: Longest life of the busy background process (s); it is stopped as soon as its row is done.
@@ -169,19 +171,20 @@ def one(kind: str, size: str, reference: str, device: str, short: bool) -> dict:
     run_solver(kind, warm_images, ti, 2 if kind in ("seed", "plain") else n_iter)
     images = images.to(dev)
     out: dict = {"voxels": int(np.prod(images.shape[1:])), "device": device}
-    if dev.type == "cuda":  # the first call at full size is the warm-up, timed apart
-        torch.cuda.reset_peak_memory_stats(dev)
+    adam = kind in ("seed", "plain")
+    if dev.type == "cuda" or not adam:  # the first call at full size is the warm-up, timed apart
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         _sync(dev)
         start = time.perf_counter()
         # (Adam's steps repeat one another: a few of them warm up as well as all of them)
-        adam = kind in ("seed", "plain")
         run_solver(kind, images, ti, 20 if adam else n_iter)
         _sync(dev)
         if not adam:
             out["warmup_s"] = time.perf_counter() - start
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     runs = []
-    for _ in range(1 if kind in ("seed", "plain") else REPEATS):
+    for _ in range(1 if adam else REPEATS):
         _sync(dev)
         start = time.perf_counter()
         t1 = run_solver(kind, images, ti, n_iter)

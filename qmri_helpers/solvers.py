@@ -11,10 +11,15 @@ of :math:`\tau` alone (variable projection):
 :func:`fit_lm` finds the global minimum of :math:`f` within the model's bounds for every voxel:
 
 1. a log-spaced grid over the whole bound range brackets each voxel's best :math:`\tau`;
-2. one-dimensional Levenberg-Marquardt steps on :math:`\ln\tau` (the Golub-Pereyra
-   Gauss-Newton curvature, or the secant of the slope over the last step where that is
-   positive; a damping factor and a trust radius per voxel) refine it; a voxel leaves as soon
-   as it has converged, or at once when it sits on a bound and the cost still falls beyond;
+2. one-dimensional Levenberg-Marquardt steps on :math:`\ln\tau` refine it, with a damping
+   factor and a trust radius per voxel; a voxel leaves as soon as it has converged, or at once
+   when it sits on a bound and the cost still falls beyond. For models whose curves are
+   :math:`\alpha_j + \beta_j e^{-t/\tau}` (``model.decay``: the seed and 3-parameter IR
+   models, T2*) the projections come from sums of the exponential, with the exact second
+   derivative of :math:`f`: Newton's method, from the top of a quartic through five grid
+   scores, and a converged voxel takes its last (sub-tolerance) step without another
+   evaluation. Other models use the Golub-Pereyra Gauss-Newton curvature, or the secant of
+   the slope over the last step where that is positive;
 3. magnitude data: :math:`\| |\Phi c| - y \|` equals the smallest signed cost
    :math:`\|\Phi c - s \odot y\|` over the sign patterns :math:`s` a monotone IR curve can
    have (the first :math:`j` points negative, or the last). Each pattern gives a smooth
