@@ -133,12 +133,8 @@ def _inverse_times(gram: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     solve otherwise.
     """
     p = gram.shape[0]
-    if p == 1:
-        return b / gram[0]
-    if p == 2:
-        g00, g01, g11 = gram[0, 0], gram[0, 1], gram[1, 1]
-        det = g00 * g11 - g01 * g01
-        return torch.stack([g11 * b[0] - g01 * b[1], g00 * b[1] - g01 * b[0]]) / det
+    if p <= 2:
+        return torch.stack(_solve([list(row) for row in gram], list(b)))
     return torch.linalg.solve(gram.permute(2, 0, 1), b.T[..., None])[..., 0].T
 
 
@@ -256,6 +252,21 @@ def _dot(x: list, y: list) -> torch.Tensor:
     return total
 
 
+def _decay_sums(
+    model: SeparableModel, r: torch.Tensor, ys: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The exponential ``e = exp(-t r)`` at ``r = 1/tau``, ``(n, A)``, and its weighted sums.
+
+    The sums over the points of ``e``, ``e²`` and ``e ys`` (None without ``ys``), each
+    weighted by ``1, t, t²``: ``(3, A)`` each. (``models._exp_decay`` takes tau and divides
+    per voxel; the solvers hold ``1/tau`` already.)
+    """
+    t = model.times.to(r)
+    e = torch.exp2(torch.outer(t * -_LOG2_E, r))
+    weights = torch.stack([torch.ones_like(t), t, t * t])  # (3, n)
+    return e, weights @ e, weights @ (e * e), None if ys is None else weights @ (e * ys)
+
+
 def _profile_decay(
     model: SeparableModel, ys: torch.Tensor, u: torch.Tensor, yy: torch.Tensor, ysum: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -277,11 +288,8 @@ def _profile_decay(
     p, n = len(pairs), ys.shape[0]
     if p == 1:
         return _profile_decay_one(model, ys, u, yy, ysum)
-    t = model.times.to(ys)
     r = torch.exp(-u)  # 1 / tau
-    e = torch.exp2(torch.outer(t * -_LOG2_E, r))
-    weights = torch.stack([torch.ones_like(t), t, t * t])  # (3, n)
-    se, see, sey = weights @ e, weights @ (e * e), weights @ (e * ys)
+    _, se, see, sey = _decay_sums(model, r, ys)
     r2 = r * r
     # sums over the points of e s^k, e^2 s^k, e y s^k (k = 0, 1, 2)
     e1, e2 = r * se[1], r2 * se[2]
@@ -332,11 +340,8 @@ def _profile_decay_one(
     :math:`p = 1` (:math:`G = g`, :math:`w = b' - c g'`).
     """
     ((alpha, beta),) = model.decay
-    t = model.times.to(ys)
     r = torch.exp(-u)  # 1 / tau
-    e = torch.exp2(torch.outer(t * -_LOG2_E, r))
-    weights = torch.stack([torch.ones_like(t), t, t * t])  # (3, n)
-    se, see, sey = weights @ e, weights @ (e * e), weights @ (e * ys)
+    _, se, see, sey = _decay_sums(model, r, ys)
     # b = phi.y, g = phi.phi and their first and second derivatives by u, written so that
     # few operations on (A,) vectors remain: dg = kappa r m1, d2g = kappa r (r m2 - m1)
     br = beta * r
@@ -528,7 +533,7 @@ def _refine(
     main = index < n_main
     finished = torch.zeros((), dtype=fa.dtype, device=fa.device)  # cost of the columns done
 
-    def pinned(u, g):  # on a bound, and the cost still falls beyond it
+    def pinned(u, g, lo, hi):  # on a bound, and the cost still falls beyond it
         return ((u <= lo) & (g > 0)) | ((u >= hi) & (g < 0))
 
     exact = model.decay is not None and max_iter > 0  # the grid alone stays the grid's
@@ -541,13 +546,12 @@ def _refine(
         # leave up to the step itself
         if not exact:
             return ua
-        on_bound = ((ua <= lo) & (ga > 0)) | ((ua >= hi) & (ga < 0))
         small = (ga.abs() <= tol * ha) | (ga * ga <= 1e-10 * fa * ha)
-        last = small & (ha > 0) & ~on_bound
+        last = small & (ha > 0) & ~pinned(ua, ga, lo, hi)
         return torch.where(last, (ua - ga / ha).clamp(lo, hi), ua)
 
     # the working set holds only the columns still iterating; the others are written back once
-    going = ~(pinned(u, ga) | (ga.abs() <= tol * ha))  # on a bound, or already converged
+    going = ~(pinned(u, ga, lo, hi) | (ga.abs() <= tol * ha))  # on a bound, or already converged
     u = torch.where(going, u, leave(u, fa, ga, ha, lo, hi))
     ua, ya, lam = u.clone(), ys, torch.full_like(u, 1e-3)
     radius = torch.full_like(u, MAX_LOG_STEP)  # doubles while full steps keep being accepted
@@ -590,7 +594,7 @@ def _refine(
         # cost cannot fall by more than 1e-10 of itself (a flat minimum)
         small = ga.abs() <= tol * ha
         converged = (moved <= tol) | small | (ga * ga <= 1e-10 * fa * ha)
-        done = (accept & converged) | pinned(ua, ga) | (lam > 1e6)
+        done = (accept & converged) | pinned(ua, ga, lo, hi) | (lam > 1e6)
         if history is not None:
             history.append(finished + (fa * main).sum())
         # drop the finished columns once they are worth a copy of the working set (an eighth)
@@ -931,15 +935,12 @@ def _statistics_decay(
     """
     ((alpha, beta),) = model.decay
     n = y.shape[0]
-    t = model.times.to(y)
     r = 1 / tau
-    e = torch.exp2(torch.outer(t * -_LOG2_E, r))
+    e, se, see, _ = _decay_sums(model, r)
     phi = torch.rsub(e, alpha, alpha=-beta)  # alpha + beta e
     if model.magnitude:
         phi = phi.abs_()
     b = (phi * y).sum(0)
-    weights = torch.stack([torch.ones_like(t), t, t * t])  # (3, n)
-    se, see = weights @ e, weights @ (e * e)
     g = alpha * alpha * n + 2 * alpha * beta * se[0] + beta * beta * see[0]
     c = b / g
     if model.magnitude:
