@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .validation import check_times
+from .validation import check_times, device_copy
 
 __all__ = [
     "ir_signal",
@@ -35,8 +35,14 @@ SignalModel = Callable[..., torch.Tensor]
 
 
 def _times(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape times ``(n,)`` to ``(n, 1, ..., 1)`` to broadcast against ``like``."""
-    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    """Reshape times ``(n,)`` to ``(n, 1, ..., 1)`` to broadcast against ``like``.
+
+    Times on another device or in another dtype are copied once (:func:`device_copy`).
+    """
+    if isinstance(t, torch.Tensor):
+        t = device_copy(t, like.device, like.dtype)
+    else:
+        t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
     return t.reshape(t.shape + (1,) * like.ndim)
 
 

@@ -14,12 +14,16 @@ fitted so that the fit counts them as failures:
 - voxels with NaN or inf, voxels without any signal (:func:`voxel_status`) and voxels whose
   time constant sits on a bound (:func:`at_bound`) are failures; every failure is counted by
   its reason (:func:`count_failures`), which :meth:`.fitting.FitResult.summary` reports.
+
+A model's small tensors (times, a sort order) follow the data to its device once
+(:func:`device_copy`), so that a fit on a GPU does not wait on a copy in every iteration.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -36,6 +40,7 @@ __all__ = [
     "check_mask",
     "check_times",
     "count_failures",
+    "device_copy",
     "sort_model_times",
     "time_order",
     "voxel_status",
@@ -167,10 +172,42 @@ def sort_model_times(
 
     def sorted_basis(tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         phi, d_phi = basis_fn(tau)
-        return phi[order.to(phi.device)], d_phi[order.to(d_phi.device)]
+        where = device_copy(order, phi.device)
+        return phi[where], d_phi[where]
 
     sorted_model = dataclasses.replace(model, times=model.times[order], basis_fn=sorted_basis)
-    return sorted_model, data[order.to(data.device)]
+    return sorted_model, data[device_copy(order, data.device)]
+
+
+#: Copies of small tensors (times, orders) on other devices or in other dtypes, made once:
+#: ``id(t) -> (weak reference to t, {(device, dtype, version): copy})``.
+_COPIES: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def device_copy(
+    t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``t`` on ``device`` (in ``dtype``), copied once and kept while ``t`` lives and is unchanged.
+
+    For the small tensors a model holds (times, a sort order): on a GPU each copy from the host
+    would wait for all the work queued before it (a device synchronisation), and the solvers
+    ask for them in every iteration. A copy made after ``t`` was changed in place is made anew.
+    """
+    dtype = dtype or t.dtype
+    if t.device == device and t.dtype == dtype:
+        return t
+    key = id(t)
+    entry = _COPIES.get(key)
+    if entry is None or entry[0]() is not t:
+        entry = (weakref.ref(t, lambda _, key=key: _COPIES.pop(key, None)), {})
+        _COPIES[key] = entry
+    copies = entry[1]
+    wanted = (device, dtype, t._version)
+    if wanted not in copies:
+        for old in [k for k in copies if k[2] != t._version]:  # copies of t before a change
+            del copies[old]
+        copies[wanted] = t.to(device=device, dtype=dtype)
+    return copies[wanted]
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -312,12 +349,17 @@ def count_failures(ok: torch.Tensor, reasons: Mapping[str, torch.Tensor]) -> dic
         number of failed voxels.
     """
     left = ~ok
-    counts: dict[str, int] = {}
+    names, hits = [], []
     for reason, where in reasons.items():
         hit = left & where.to(left.device)
-        counts[reason] = counts.get(reason, 0) + int(hit.sum())
+        names.append(reason)
+        hits.append(hit.sum())
         left = left & ~hit
-    counts["fit failed"] = counts.get("fit failed", 0) + int(left.sum())
+    names.append("fit failed")
+    hits.append(left.sum())
+    counts: dict[str, int] = {}
+    for reason, n in zip(names, torch.stack(hits).tolist(), strict=True):  # one device sync
+        counts[reason] = counts.get(reason, 0) + n
     return {reason: n for reason, n in counts.items() if n > 0}
 
 

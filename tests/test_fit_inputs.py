@@ -476,3 +476,16 @@ def test_signal_mask_of_a_volume_above_torch_quantiles_limit():
     assert int(differ.sum()) <= 3
     assert torch.all((data[0][differ].double() - threshold).abs() < 1e-3)
     assert 0.49 < mask.double().mean() < 0.51  # half the uniform values exceed half of p99
+
+
+def test_device_copy_is_made_once_and_again_after_a_change():
+    """The model's times follow the data once; a change in place makes a fresh copy."""
+    device_copy = validation.device_copy
+    t = torch.tensor([0.1, 0.5, 1.0])
+    a = device_copy(t, torch.device("cpu"), torch.float64)
+    assert a.dtype == torch.float64 and torch.equal(a, t.double())
+    assert device_copy(t, torch.device("cpu"), torch.float64) is a  # kept
+    assert device_copy(t, torch.device("cpu")) is t  # no copy where none is needed
+    t[0] = 0.2  # changed in place: the copy must not be stale
+    b = device_copy(t, torch.device("cpu"), torch.float64)
+    assert b is not a and float(b[0]) == pytest.approx(0.2)
