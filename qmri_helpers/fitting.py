@@ -442,9 +442,12 @@ def _pack(
     """
     maps = {}
     for name, value in values.items():
+        clean = torch.where(ok & torch.isfinite(value), value, torch.zeros_like(value)).to(dtype)
+        if clean.numel() == mask_flat.numel():  # every voxel fitted: nothing to scatter
+            maps[name] = clean.reshape(shape)
+            continue
         full = torch.zeros(mask_flat.numel(), dtype=dtype, device=value.device)
-        clean = torch.where(ok & torch.isfinite(value), value, torch.zeros_like(value))
-        full[mask_flat.to(value.device)] = clean.to(dtype)
+        full[mask_flat.to(value.device)] = clean
         maps[name] = full.reshape(shape)
     return maps
 
@@ -469,28 +472,27 @@ def _result(
     shape, mask_flat, ok, params, residual_norm, r_squared, sd_unit, sigma, history, device, dtype,
     reasons=None,
 ) -> FitResult:  # fmt: skip
-    valid = torch.zeros(mask_flat.numel(), dtype=torch.bool, device=ok.device)
-    valid[mask_flat.to(ok.device)] = ok
-    valid = valid.cpu()
     sd = {k: v * sigma for k, v in sd_unit.items()}
     values = {
         **{("param", k): v for k, v in params.items()},
         **{("sd", k): v for k, v in sd.items()},
         ("fit", "r"): residual_norm,
         ("fit", "r2"): r_squared,
+        ("fit", "valid"): torch.ones_like(residual_norm),  # 1 where ok, in the same copy
     }
     maps = _to_host(_pack(shape, mask_flat, ok, values, dtype))
+    failures = count_failures(ok, reasons or {})
     return FitResult(
         params={k: v for (kind, k), v in maps.items() if kind == "param"},
-        valid=valid.reshape(shape),
-        n_failed=int((~ok).sum()),
+        valid=maps["fit", "valid"] != 0,
+        n_failed=sum(failures.values()),
         residual_norm=maps["fit", "r"],
         r_squared=maps["fit", "r2"],
         sd={k: v for (kind, k), v in maps.items() if kind == "sd"},
         noise_sigma=sigma,
         loss_history=history,
         device=device,
-        failures=count_failures(ok, reasons or {}),
+        failures=failures,
     )
 
 
