@@ -94,6 +94,10 @@ CACHE_ELEMENTS = 2**18
 #: whose projections stay in the core's cache while the search reads them; on a GPU all of a
 #: chunk (blocks of 32 or 128 MB, which its L2 cache holds, measured no faster on an H200).
 GRID_BLOCK_BYTES = {"cpu": 4 * 2**20, "cuda": 2**62}
+#: Per device type: the refinement's last columns (at most this many) finish on the CPU. On a
+#: GPU an iteration costs about a millisecond of kernel launches however few its columns, on a
+#: CPU a few microseconds per operation; a refinement's last iterations are on few columns.
+HOST_TAIL = {"cuda": 4096}
 #: Per device type: whether the seed model's neighbouring patterns (the kink check) are refined
 #: together with the voxels' own patterns, in one run. On a GPU one run costs less than two:
 #: the last iterations, on few columns, cost kernel launches rather than arithmetic. On a CPU
@@ -528,10 +532,14 @@ def _refine(
     tol: float,
     history: list[torch.Tensor] | None,
     n_main: int,
+    log_bounds: bool = False,
+    host_tail: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Minimise the pattern costs of ``ys (n, A)`` over ``u = ln tau`` from ``u (A,)``.
 
-    ``bounds`` on tau (s) are numbers, or tensors ``(A,)`` with bounds per column.
+    ``bounds`` on tau (s) are numbers, or tensors ``(A,)`` with bounds per column (on ln tau
+    with ``log_bounds``). Once no more than ``host_tail`` columns are left (default
+    :data:`HOST_TAIL` of the device's type), they finish on the CPU.
 
     Each column keeps its own damping factor and leaves the working set once its step is below
     ``tol`` (in ln tau, i.e. relative in tau) or its Newton decrement says the cost cannot fall
@@ -539,7 +547,10 @@ def _refine(
     beyond it. ``history`` gets the summed cost of the first ``n_main`` columns after each
     iteration. Returns u, cost, coefficients ``(p, A)`` and iterations ``(A,)``.
     """
-    lo, hi = (torch.as_tensor(b, dtype=u.dtype, device=u.device).log().expand_as(u) for b in bounds)
+    lo, hi = (torch.as_tensor(b, dtype=u.dtype, device=u.device) for b in bounds)
+    if not log_bounds:
+        lo, hi = lo.log(), hi.log()
+    lo, hi = lo.expand_as(u), hi.expand_as(u)
     u = u.clamp(lo, hi)
     yy, ysum = (ys * ys).sum(0), ys.sum(0)
     fa, ga, ha, ca = _profile(model, ys, u, yy, ysum)
@@ -581,9 +592,22 @@ def _refine(
     if history is not None:
         history.append(finished + (fa * main).sum())
     done_after = 0  # iterations made
+    tail = HOST_TAIL.get(u.device.type, 0) if host_tail is None else host_tail
     for it in range(1, max_iter + 1):
         if index.numel() == 0:
             break
+        if index.numel() <= tail:  # the last few columns: on the CPU, from where they are
+            host = torch.device("cpu")
+            with _threads(1):
+                u_h, cost_h, c_h, it_h = _refine(
+                    model, ya.to(host), ua.to(host), (lo.to(host), hi.to(host)),
+                    max_iter - it + 1, tol, None, 0, log_bounds=True, host_tail=0,
+                )  # fmt: skip
+            u[index], cost[index] = u_h.to(u.device), cost_h.to(u.device)
+            c[:, index], iterations[index] = c_h.to(u.device), it_h.to(u.device) + (it - 1)
+            if history is not None:
+                history.append(finished + (cost[index] * main).sum())
+            return u, cost, c, iterations
         done_after = it
         step = (ga / (ha * (1 + lam)).clamp_min(1e-300)).clamp_(-radius, radius)
         trial = (ua - step).clamp_(lo, hi)
@@ -861,18 +885,14 @@ def _neighbour_candidates(
     close = window >= score - KINK_MARGIN * drop
     voxels, js, us = [], [], []
     for side in (-1, 1):
-        past = close & (near == j + side)
-        chosen = torch.nonzero(past.any(0))[:, 0]
+        # the best close grid value past the null (none: -inf), as the start
+        past, at = torch.where(close & (near == j + side), window, -torch.inf).max(0)
+        chosen = torch.nonzero(past > -torch.inf)[:, 0]
         if chosen.numel() == 0:
             continue
-        # the best grid value past the null, as the start
-        scores = torch.where(
-            past.index_select(1, chosen), window.index_select(1, chosen), -torch.inf
-        )
-        at = scores.max(0).indices
         voxels.append(chosen)
         js.append(j.index_select(0, chosen) + side)
-        start_k = near_k.index_select(1, chosen).gather(0, at[None])[0]
+        start_k = near_k.gather(0, at[None])[0].index_select(0, chosen)
         us.append(log_grid.index_select(0, start_k))
     if not voxels:
         return None
