@@ -13,7 +13,9 @@ of :math:`\tau` alone (variable projection):
 1. a log-spaced grid over the whole bound range brackets each voxel's best :math:`\tau`;
 2. one-dimensional Levenberg-Marquardt steps on :math:`\ln\tau` refine it, with a damping
    factor and a trust radius per voxel; a voxel leaves as soon as it has converged, or at once
-   when it sits on a bound and the cost still falls beyond. For models whose curves are
+   when it sits on a bound and the cost still falls beyond. A voxel whose Newton step leaves a
+   quarter of its slope (the cost keeps falling, as it flattens out towards a bound on
+   background voxels) tries that bound next, once. For models whose curves are
    :math:`\alpha_j + \beta_j e^{-t/\tau}` (``model.decay``: the seed and 3-parameter IR
    models, T2*) the projections come from sums of the exponential, with the exact second
    derivative of :math:`f`: Newton's method, from the top of a quartic through five grid
@@ -38,7 +40,10 @@ of :math:`\tau` alone (variable projection):
 
 The work is organised for the hardware: on a CPU the refinement runs over blocks of columns
 that fit the cache, on a GPU over all of a chunk at once, and the voxels that have converged
-leave the working set.
+leave the working set. On a GPU, where an iteration costs kernel launches however few its
+columns, the seed model's neighbouring patterns are refined in the same run as the voxels' own
+(:data:`ONE_REFINEMENT`), and a refinement's last few columns finish on the CPU
+(:data:`HOST_TAIL`); the grid's small constants are computed on the CPU and moved once.
 
 :func:`fit_varpro` with ``lm_iterations=0`` stops after the grid (with a parabolic refinement
 between grid values), to show what the grid alone gives. Both run on the device of the data,
@@ -582,12 +587,13 @@ def _refine(
     u = torch.where(going, u, leave(u, fa, ga, ha, lo, hi))
     ua, ya, lam = u.clone(), ys, torch.full_like(u, 1e-3)
     radius = torch.full_like(u, MAX_LOG_STEP)  # doubles while full steps keep being accepted
+    state = torch.zeros_like(u)  # 0: may try the bound ahead, 1: tries it now, 2: has tried
     if not bool(going.all()):
         finished = finished + (fa * main)[~going].sum()
         keep = torch.nonzero(going)[:, 0]  # one index for all: one device sync, not ten
-        index, ua, ya, yy, ysum, fa, ga, ha, ca, lam, radius, main, lo, hi = (
+        index, ua, ya, yy, ysum, fa, ga, ha, ca, lam, radius, state, main, lo, hi = (
             _take(x, keep)
-            for x in (index, ua, ya, yy, ysum, fa, ga, ha, ca, lam, radius, main, lo, hi)
+            for x in (index, ua, ya, yy, ysum, fa, ga, ha, ca, lam, radius, state, main, lo, hi)
         )
     if history is not None:
         history.append(finished + (fa * main).sum())
@@ -611,9 +617,20 @@ def _refine(
         done_after = it
         step = (ga / (ha * (1 + lam)).clamp_min(1e-300)).clamp_(-radius, radius)
         trial = (ua - step).clamp_(lo, hi)
+        if exact:  # the columns whose cost keeps falling try the bound ahead of them
+            now = state == 1
+            trial = torch.where(now, torch.where(ga > 0, lo, hi), trial)
         f_t, g_t, h_t, c_t = _profile(model, ya, trial, yy, ysum)
         accept = f_t <= fa  # False for NaN
         moved = (trial - ua).abs_()
+        if exact:
+            # after a Newton step on a quadratic the slope is about 0; a step that leaves a
+            # quarter of it, with the same sign, says the cost keeps falling beyond (as on
+            # background voxels, whose cost flattens out exponentially towards a bound, where
+            # Newton's steps stay short and many): the next trial is that bound (once per
+            # column; a rejected try costs no damping)
+            ahead = accept & (g_t * ga > 0) & (g_t.abs() > 0.25 * ga.abs()) & (state == 0)
+            state = torch.where(now, 2.0, torch.where(ahead, 1.0, state))
         # Gauss-Newton ignores the residual's own curvature, which on noisy voxels makes its
         # steps overshoot and oscillate; the secant of the slope over the step measures the
         # true curvature, and is used where it is positive (superlinear, like the secant method)
@@ -627,14 +644,20 @@ def _refine(
         fa = torch.where(accept, f_t, fa)
         ga = torch.where(accept, g_t, ga)
         ca = torch.where(accept, c_t, ca)
-        lam = torch.where(accept, lam * 0.3, lam * 10)
-        full = accept & (moved >= radius * 0.999)
-        radius = radius * torch.where(full, 2.0, torch.where(accept, 1.0, 0.5))
+        if exact:
+            tried = now & ~accept  # the bound was no better: nothing learnt about the step
+            lam = torch.where(accept, lam * 0.3, torch.where(tried, lam, lam * 10))
+            full = accept & (moved >= radius * 0.999)
+            radius = radius * torch.where(full, 2.0, torch.where(accept | tried, 1.0, 0.5))
+        else:
+            lam = torch.where(accept, lam * 0.3, lam * 10)
+            full = accept & (moved >= radius * 0.999)
+            radius = radius * torch.where(full, 2.0, torch.where(accept, 1.0, 0.5))
         # converged: the step taken, or the Newton step still to take, is below tol, or the
         # cost cannot fall by more than 1e-10 of itself (a flat minimum)
         small = ga.abs() <= tol * ha
         converged = (moved <= tol) | small | (ga * ga <= 1e-10 * fa * ha)
-        done = (accept & converged) | pinned(ua, ga, lo, hi) | (lam > 1e6)
+        done = (accept & converged & (state != 1)) | pinned(ua, ga, lo, hi) | (lam > 1e6)
         if history is not None:
             history.append(finished + (fa * main).sum())
         # drop the finished columns once they are worth a copy of the working set (an eighth)
@@ -645,10 +668,12 @@ def _refine(
             cost[leaving], c[:, leaving], iterations[leaving] = fa[gone], ca[:, gone], it
             finished = finished + (fa * main)[gone].sum()
             keep = torch.nonzero(~done)[:, 0]
-            index, ua, ya, yy, ysum, fa, ga, ha, ca, lam, radius, main, lo, hi = (
+            index, ua, ya, yy, ysum, fa, ga, ha, ca, lam, radius, state, main, lo, hi = (
                 _take(x, keep)
-                for x in (index, ua, ya, yy, ysum, fa, ga, ha, ca, lam, radius, main, lo, hi)
-            )
+                for x in (
+                    index, ua, ya, yy, ysum, fa, ga, ha, ca, lam, radius, state, main, lo, hi
+                )
+            )  # fmt: skip
     u[index], cost[index], c[:, index] = leave(ua, fa, ga, ha, lo, hi), fa, ca
     iterations[index] = done_after
     return u, cost, c, iterations
