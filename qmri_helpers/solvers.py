@@ -457,6 +457,23 @@ def _grid_search(
     return best_k, best.to(dtype), around.to(dtype), window  # (the window: for starts only)
 
 
+def _grid_constants(
+    model: SeparableModel, grid: torch.Tensor, seed: bool
+) -> tuple[torch.Tensor, torch.Tensor, float | None, torch.Tensor, torch.Tensor | None]:
+    """The grid's constants, on the grid's device (the CPU in :func:`fit_varpro`).
+
+    The orthonormal bases of the grid values (:func:`_grid_basis`), ln tau of the grid values
+    within the bounds and its even step (or None), the seed model's sign pattern at each grid
+    value and, for the seed model's refinement (``seed``), the ln tau of its nulls.
+    """
+    lo, hi = model.bounds
+    qmat = _grid_basis(model, grid, absolute=model.magnitude and not model.polarity)
+    log_grid = grid.log().clamp(math.log(lo), math.log(hi))
+    grid_pattern = (model.basis(grid)[:, 0] < 0).sum(0)  # (K,), used for the seed model
+    kinks = _kinks(model, grid_pattern, log_grid) if seed else None
+    return qmat, log_grid, _even_spacing(log_grid), grid_pattern, kinks
+
+
 def _parabola(around: torch.Tensor, k: torch.Tensor, log_grid: torch.Tensor) -> torch.Tensor:
     """The ln tau at the vertex of the parabola through the scores at k-1, k, k+1."""
     n_grid = log_grid.numel()
@@ -1162,15 +1179,11 @@ def fit_varpro(
     p = len(model.linear)
     rank = torch.argsort(torch.argsort(model.times)).to(device)  # time order of each point
     polarity = model.magnitude and model.polarity
-    qmat = _grid_basis(model, grid, absolute=model.magnitude and not polarity)
+    seed = model.magnitude and not polarity and lm_iterations > 0
+    qmat, log_grid, spacing, grid_pattern, kinks = _grid_constants(model, grid, seed)
     # the grid's projections in the data's precision (they only pick a start), float32 at least
     grid_dtype = torch.promote_types(data.dtype, torch.float32)
     qmat = qmat.to(device=device, dtype=grid_dtype)
-    log_grid = grid.log().clamp(math.log(lo), math.log(hi))
-    spacing = _even_spacing(log_grid)
-    grid_pattern = (model.basis(grid)[:, 0] < 0).sum(0)  # (K,), used for the seed model
-    seed = model.magnitude and not polarity and lm_iterations > 0
-    kinks = _kinks(model, grid_pattern, log_grid) if seed else None
     log_grid, grid_pattern = log_grid.to(device), grid_pattern.to(device)
     kinks = kinks.to(device) if kinks is not None else None
     candidates = 3 if model.magnitude and lm_iterations else 1
