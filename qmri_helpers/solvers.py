@@ -661,15 +661,11 @@ def _refine(
         fa = torch.where(accept, f_t, fa)
         ga = torch.where(accept, g_t, ga)
         ca = torch.where(accept, c_t, ca)
-        if exact:
-            tried = now & ~accept  # the bound was no better: nothing learnt about the step
-            lam = torch.where(accept, lam * 0.3, torch.where(tried, lam, lam * 10))
-            full = accept & (moved >= radius * 0.999)
-            radius = radius * torch.where(full, 2.0, torch.where(accept | tried, 1.0, 0.5))
-        else:
-            lam = torch.where(accept, lam * 0.3, lam * 10)
-            full = accept & (moved >= radius * 0.999)
-            radius = radius * torch.where(full, 2.0, torch.where(accept, 1.0, 0.5))
+        # a rejected try of the bound says nothing about the step: damping and radius stay
+        kept = (accept | now) if exact else accept
+        lam = torch.where(accept, lam * 0.3, torch.where(kept, lam, lam * 10))
+        full = accept & (moved >= radius * 0.999)
+        radius = radius * torch.where(full, 2.0, torch.where(kept, 1.0, 0.5))
         # converged: the step taken, or the Newton step still to take, is below tol, or the
         # cost cannot fall by more than 1e-10 of itself (a flat minimum)
         small = ga.abs() <= tol * ha
