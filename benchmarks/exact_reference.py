@@ -58,6 +58,17 @@ def signed_cost(model: SeparableModel, ys: torch.Tensor, tau: torch.Tensor) -> t
     return (ys * ys).sum(0) - fit
 
 
+def least_cost(model: SeparableModel, data: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """The cost of each voxel of ``data (n, V)`` at ``tau (V,)``: the least over sign patterns.
+
+    For magnitude data the cost of the magnitude model (every pattern tried), for signed data
+    :func:`signed_cost`; float64, shape (V,).
+    """
+    ys = data.to(torch.float64)
+    each = [signed_cost(model, s[:, None] * ys, tau[None])[0] for s in _patterns(model)]
+    return torch.stack(each).min(0).values
+
+
 def reference_fit(
     model: SeparableModel, data: torch.Tensor, points: int = 600, chunk: int = 1024
 ) -> torch.Tensor:
