@@ -391,7 +391,7 @@ def _inverse_diagonal(a: torch.Tensor) -> torch.Tensor:
 def _goodness(
     residual: torch.Tensor, columns: list[torch.Tensor], data: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RSS, R² and the diagonal of (JᵀJ)⁻¹ per voxel.
+    """RSS, R² and the Fisher matrices JᵀJ ``(V, q, q)`` per voxel.
 
     ``residual``, ``data`` and each of the ``q`` Jacobian ``columns`` are ``(n, V)``: the sums
     run over the first axis, along contiguous memory.
@@ -399,7 +399,7 @@ def _goodness(
     rss = (residual**2).sum(0)
     tss = ((data - data.mean(0)) ** 2).sum(0)
     r_squared = 1 - rss / tss.clamp_min(torch.finfo(data.dtype).tiny)
-    return rss, r_squared, _ridged_inverse_diagonal(_gram(columns).permute(2, 0, 1))
+    return rss, r_squared, _gram(columns).permute(2, 0, 1)
 
 
 def _gram(columns: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -413,6 +413,21 @@ def _gram(columns: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tenso
     return torch.stack(
         [torch.stack([dots[min(i, j), max(i, j)] for j in range(q)]) for i in range(q)]
     )
+
+
+def _last_information(fisher: torch.Tensor) -> torch.Tensor:
+    """The information on the last parameter with the others fitted too: ``1 / [F⁻¹]_qq``.
+
+    The Schur complement of the other parameters in ``fisher (V, q, q)``, without a ridge;
+    NaN where their own block is singular.
+    """
+    if fisher.shape[-1] == 1:
+        return fisher[:, 0, 0]
+    if fisher.shape[-1] > 3:
+        return 1 / torch.linalg.pinv(fisher)[:, -1, -1]
+    adj, det = _cofactors(fisher)
+    last = adj[:, -1, -1]
+    return torch.where(last != 0, det / last, torch.nan)
 
 
 def _ridged_inverse_diagonal(fisher: torch.Tensor) -> torch.Tensor:
@@ -635,7 +650,8 @@ def fit_adam(
             ))[1]
             for i in range(len(names))
         ]  # fmt: skip
-        rss, r_squared, inverse_diag = _goodness(target - prediction, columns, target)
+        rss, r_squared, fisher = _goodness(target - prediction, columns, target)
+        inverse_diag = _ridged_inverse_diagonal(fisher)
         fitted["m0"] = fitted["m0"] * scale
         ok = has_signal & torch.isfinite(rss)
         for value in fitted.values():

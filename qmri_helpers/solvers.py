@@ -27,8 +27,10 @@ of :math:`\tau` alone (variable projection):
    have (the first :math:`j` points negative, or the last). Each pattern gives a smooth
    :math:`f_s(\tau) \ge f(\tau)`, equal where the pattern is the model's own, so the global
    optimum is the best of the patterns' minima. The kink check refines several patterns and
-   keeps the best: for the 3-parameter and TR-aware models the null next to the smallest
-   magnitude (two patterns) and one point further either way, each from its own best grid
+   keeps the best: for the 3-parameter and TR-aware models the grid scores every pattern; the
+   best one is refined, and with it the null next to the smallest magnitude (two patterns)
+   and one point further either way, and every other pattern whose best grid score comes
+   close to the best (on noise the best pattern can be any), each from its own best grid
    value. The seed model's pattern follows from tau: tau's segment between two nulls
    (:math:`\tau = TI_i/\ln 2`) fixes it. Its check refines the pattern of the best grid
    value, then a neighbouring pattern where a null lies within three grid steps and a grid
@@ -44,6 +46,10 @@ leave the working set. On a GPU, where an iteration costs kernel launches howeve
 columns, the seed model's neighbouring patterns are refined in the same run as the voxels' own
 (:data:`ONE_REFINEMENT`), and a refinement's last few columns finish on the CPU
 (:data:`HOST_TAIL`); the grid's small constants are computed on the CPU and moved once.
+
+A voxel whose fitted curve does not change with tau (a T1 far below the shortest TI, where
+:math:`e^{-TI/T_1}` is below rounding: its cost equals the bound's) fails as "not
+determined" rather than report a tau the data cannot see.
 
 :func:`fit_varpro` with ``lm_iterations=0`` stops after the grid (with a parabolic refinement
 between grid values), to show what the grid alone gives. Both run on the device of the data,
@@ -63,6 +69,7 @@ from .fitting import (
     _flushing_denormals,
     _goodness,
     _gram,
+    _last_information,
     _result,
     _ridged_inverse_diagonal,
     _threads,
@@ -93,6 +100,9 @@ MAX_LOG_STEP = 0.25
 #: within this many grid steps of the best grid value and a grid value past it scores within
 #: KINK_MARGIN times the best value's drop to its neighbours; rounds of the consistency check.
 KINK_STEPS, KINK_ROUNDS, KINK_MARGIN = 3, 3, 4.0
+#: A fitted tau counts as determined where a change of ln tau by one changes the fitted curve
+#: (its coefficients fitted again) by at least this fraction of its norm, see _determined.
+MIN_SENSITIVITY = 1e-6
 #: Elements of one ``(n, columns)`` work array of the refinement on a CPU (2 MB in float64).
 CACHE_ELEMENTS = 2**18
 #: Bytes of the grid's projections of one block of voxels, per device type: on a CPU a block
@@ -402,43 +412,49 @@ def _grid_basis(model: SeparableModel, grid: torch.Tensor, absolute: bool) -> to
 
 
 def _grid_search(
-    qmat: torch.Tensor, p: int, signed: list[torch.Tensor], buffer: torch.Tensor, width: int = 0
+    bases: list[torch.Tensor], p: int, y: torch.Tensor, buffer: torch.Tensor, width: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""Per pattern: best grid index, its score, the scores at k-1, k, k+1 and k-w ... k+w.
+    r"""Per sign pattern: best grid index, its score, the scores at k-1, k, k+1 and k-w ... k+w.
 
-    ``signed`` holds the data of each sign pattern, ``(n, V)`` each. The score is
-    :math:`\|P_k s y\|^2`, the largest score the least cost. ``buffer`` holds the projections
-    of one block of voxels, ``(B, p * K)``, reused from block to block (a block that fits the
-    cache: the search over the grid then reads it from there); the voxels run along its rows,
-    so the search reduces contiguous memory (about twice as fast on a CPU as along the
-    columns). Returns tensors of shape ``(S, V)``, ``(S, V)``, ``(S, 3, V)`` and
-    ``(S, 2 w + 1, V)`` (indices clamped to the grid; the window in the grid's precision).
+    ``bases`` holds the grid's orthonormal bases ``(n, p * K)`` (:func:`_grid_basis`) with the
+    signs of each pattern applied to their rows (:math:`S Q` projects :math:`S y`); ``y`` the
+    data ``(n, V)``. The score is :math:`\|P_k S y\|^2`, the largest score the least cost.
+    ``buffer`` holds the projections of one block of voxels, ``(B, p * K)``, reused from block
+    to block and pattern to pattern (a block that fits the cache: the search over the grid
+    then reads it from there); the voxels run along its rows, so the search reduces contiguous
+    memory (about twice as fast on a CPU as along the columns). Returns tensors of shape
+    ``(S, V)``, ``(S, V)``, ``(S, 3, V)`` and ``(S, 2 w + 1, V)`` (indices clamped to the
+    grid; the window in the grid's precision).
     """
+    qmat = bases[0]
     n_grid, columns = qmat.shape[1] // p, qmat.shape[1]
-    n_voxels, device, dtype = signed[0].shape[1], qmat.device, signed[0].dtype
+    n_voxels, device, dtype = y.shape[1], qmat.device, y.dtype
     block = max(1, buffer.numel() // columns)
     offsets = torch.arange(-width, width + 1, device=device)
     # one coefficient, a basis and data without negative numbers: the projections are >= 0,
     # so the largest projection has the largest score, and only the few gathered are squared
-    positive = p == 1 and bool((qmat >= 0).all()) and all(bool((y >= 0).all()) for y in signed)
-    shape = (len(signed), n_voxels)
+    positive = (
+        p == 1 and len(bases) == 1 and bool((qmat >= 0).all()) and bool((y >= 0).all())
+    )  # fmt: skip
+    shape = (len(bases), n_voxels)
     best_k = torch.empty(shape, dtype=torch.long, device=device)
     best = torch.empty(shape, dtype=qmat.dtype, device=device)
     around = torch.empty((shape[0], 3, n_voxels), dtype=qmat.dtype, device=device)
     window = torch.empty((shape[0], 2 * width + 1 if width else 0, n_voxels), dtype=qmat.dtype,
                          device=device)  # fmt: skip
-    for s, ys in enumerate(signed):
-        for start in range(0, n_voxels, block):
-            sl = slice(start, min(n_voxels, start + block))
-            rows = sl.stop - sl.start
-            out = buffer[: columns * rows].view(rows, columns)
-            # MKL splits the rows of a product with few rows (5 to 30 voxels) between its
-            # threads, and the projections' rounding then depends on their number; so few
-            # voxels gain nothing from threads, so they take one, and the fit does not depend
-            # on the thread count
-            serial = device.type == "cpu" and rows < 1024
+    for start in range(0, n_voxels, block):
+        sl = slice(start, min(n_voxels, start + block))
+        rows = sl.stop - sl.start
+        out = buffer[: columns * rows].view(rows, columns)
+        y_block = y[:, sl].T.to(qmat.dtype)
+        # MKL splits the rows of a product with few rows (5 to 30 voxels) between its
+        # threads, and the projections' rounding then depends on their number; so few
+        # voxels gain nothing from threads, so they take one, and the fit does not depend
+        # on the thread count
+        serial = device.type == "cpu" and rows < 1024
+        for s, basis in enumerate(bases):
             with _threads(1 if serial else torch.get_num_threads()):
-                scores = torch.matmul(ys[:, sl].T.to(qmat.dtype), qmat, out=out)
+                scores = torch.matmul(y_block, basis, out=out)
             if not positive:
                 scores = scores.square_()
                 if p > 1:
@@ -807,19 +823,16 @@ def _fit_chunk(
     """
     n, n_voxels = y.shape
     p = len(model.linear)
-    if model.magnitude and model.polarity:
-        # the null lies next to the smallest magnitude, at index m: the patterns with the first
-        # m or m+1 points negative, and (the kink check) the null one point further either way
-        m = rank[y.min(0).indices]  # (min is much faster than argmin along dim 0 on a CPU)
-        patterns = [m - 1, m, m + 1, m + 2]
-        signed = [_with_pattern(y, rank, j, n) for j in patterns]
-    else:  # signed data, or the seed model whose |basis| carries its own signs
-        patterns, signed = None, [y]
-    seed = model.magnitude and patterns is None
+    polarity = model.magnitude and model.polarity
+    bases = [qmat]  # signed data, or the seed model whose |basis| carries its own signs
+    if polarity:  # every pattern a monotone curve can have: the first j points negative
+        signs = torch.where(rank[None, :] < torch.arange(n, device=y.device)[:, None], -1, 1)
+        bases = [qmat * sign[:, None].to(qmat.dtype) for sign in signs]
+    seed = model.magnitude and not polarity
     # the window for the kink check, and the quartic start of Newton's method
     width = (KINK_STEPS if seed else 2 if model.decay is not None else 0) if max_iter else 0
-    ks, scores, around, window = _grid_search(qmat, p, signed, buffer, width)
-    starts = torch.stack([_parabola(around[s], ks[s], log_grid) for s in range(len(signed))])
+    ks, scores, around, window = _grid_search(bases, p, y, buffer, width)
+    starts = torch.stack([_parabola(around[s], ks[s], log_grid) for s in range(len(bases))])
     if width:
         smooth = None
         if seed:  # the same sign pattern at k-2 and k+2: no null between
@@ -830,27 +843,22 @@ def _fit_chunk(
         starts = torch.stack(
             [
                 _quartic(window[s], ks[s], log_grid, spacing, starts[s], smooth)
-                for s in range(len(signed))
+                for s in range(len(bases))
             ]
         )
-    if patterns is not None:  # every pattern from its own best grid value, the best first
-        order = torch.argsort(scores, dim=0, descending=True)  # (S, V)
-        js = torch.stack(patterns).gather(0, order)
-        us = starts.gather(0, order)
-        if max_iter == 0:  # the grid alone: the pattern of the best grid value
-            js, us = js[:1], us[:1]
-        voxels = torch.arange(n_voxels, device=y.device).repeat(js.shape[0])
+    if polarity:  # the patterns worth refining, each from its own best grid value
+        j, voxels_c, js_c, us_c = _polarity_candidates(
+            y, rank, scores, around, starts, max_iter > 0
+        )
         u, cost, c = _refine_candidates(
-            model, y, rank, voxels, js.reshape(-1), us.reshape(-1), max_iter, tol, history,
-            n_voxels,
+            model, y, rank, torch.cat([torch.arange(n_voxels, device=y.device), voxels_c]),
+            torch.cat([j, js_c]), torch.cat([starts.gather(0, j[None])[0], us_c]),
+            max_iter, tol, history, n_voxels,
         )  # fmt: skip
-        best = (cost[:n_voxels], u[:n_voxels], c[:, :n_voxels], js[0])
-        if js.shape[0] > 1:
-            _take_better(
-                best,
-                voxels[n_voxels:],
-                (cost[n_voxels:], u[n_voxels:], c[:, n_voxels:], js[1:].reshape(-1)),
-            )
+        best = (cost[:n_voxels], u[:n_voxels], c[:, :n_voxels], j)
+        if voxels_c.numel():
+            rest = slice(n_voxels, None)
+            _take_better(best, voxels_c, (cost[rest], u[rest], c[:, rest], js_c))
             if history is not None:
                 history.append(best[0].sum())  # after the kink check
     else:
@@ -883,13 +891,47 @@ def _fit_chunk(
     coefficients, tau = best[2], best[1].exp()
     if model.magnitude:
         # the overall sign is free: the seed's M0 is positive, other curves end positive
-        if patterns is None:
+        if not polarity:
             coefficients = coefficients.abs()
         else:
             last = model.basis(tau)[int(rank.argmax())]  # (p, V) at the latest time
             flip = (last * coefficients).sum(0) < 0
             coefficients = torch.where(flip, -coefficients, coefficients)
     return coefficients, tau
+
+
+def _polarity_candidates(
+    y: torch.Tensor,
+    rank: torch.Tensor,
+    scores: torch.Tensor,
+    around: torch.Tensor,
+    starts: torch.Tensor,
+    refined: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sign patterns of a model with a free polarity (3-parameter, TR-aware) to refine.
+
+    ``scores (S, V)``, ``around (S, 3, V)`` and ``starts (S, V)`` are the grid's results for
+    every pattern j = 0 ... n-1 (the first j points negative). Each voxel's pattern with the
+    best grid score is refined; with ``refined`` also, as candidates, the patterns with the
+    null next to the smallest magnitude and one point further either way (where a curve with
+    signal crosses zero), and every other pattern whose best grid score comes within
+    KINK_MARGIN times its own drop to its neighbours of the best one (a minimum between two
+    grid values can hide that much). On noise, whose magnitudes say nothing of a null, the
+    best pattern can be any. Returns the best pattern ``(V,)`` and the candidates' voxels,
+    patterns and starts (ln tau).
+    """
+    n = y.shape[0]
+    best = scores.argmax(0)
+    if not refined:
+        empty = best[:0]
+        return best, empty, empty, starts[0, :0]
+    drop = (around[:, 1] - 0.5 * (around[:, 0] + around[:, 2])).clamp_min(0)
+    keep = scores + KINK_MARGIN * drop >= scores.gather(0, best[None])
+    m = rank[y.min(0).indices]  # (min is much faster than argmin along dim 0 on a CPU)
+    near = torch.remainder(m + torch.arange(-1, 3, device=y.device)[:, None], n)  # (4, V)
+    keep.scatter_(0, near, True).scatter_(0, best[None], False)
+    js, voxels = torch.nonzero(keep, as_tuple=True)
+    return best, voxels, js, starts[js, voxels]
 
 
 def _neighbour_candidates(
@@ -992,13 +1034,14 @@ def _seed_kink_check(
 
 def _statistics(
     model: SeparableModel, y: torch.Tensor, c: torch.Tensor, tau: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RSS, R², the diagonal of (JᵀJ)⁻¹ and the coefficients of the fits of ``y (n, V)``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RSS, R², the diagonal of (JᵀJ)⁻¹, the coefficients and whether tau is determined.
 
-    ``c (p, V)`` and ``tau (V,)`` are the fits; for a model with a ``decay`` basis the
-    coefficient is computed again here, in closed form at tau (the refinement's last Newton
-    step moves tau without evaluating it there). In blocks of columns that fit a CPU's cache,
-    like :func:`_profile`.
+    ``y (n, V)`` are the data, ``c (p, V)`` and ``tau (V,)`` the fits; for a model with a
+    ``decay`` basis the coefficient is computed again here, in closed form at tau (the
+    refinement's last Newton step moves tau without evaluating it there). Tau is determined
+    where :func:`_determined` says so. In blocks of columns that fit a CPU's cache, like
+    :func:`_profile`.
     """
     block = _block(y)
     if y.shape[1] <= block:
@@ -1007,8 +1050,25 @@ def _statistics(
         _statistics_block(model, y[:, i : i + block], c[:, i : i + block], tau[i : i + block])
         for i in range(0, y.shape[1], block)
     ]
-    rss, r_squared, inverse_diag, coefficients = zip(*parts, strict=True)
-    return torch.cat(rss), torch.cat(r_squared), torch.cat(inverse_diag), torch.cat(coefficients, 1)
+    rss, r_squared, inverse_diag, coefficients, determined = zip(*parts, strict=True)
+    return (
+        torch.cat(rss), torch.cat(r_squared), torch.cat(inverse_diag), torch.cat(coefficients, 1),
+        torch.cat(determined),
+    )  # fmt: skip
+
+
+def _determined(fisher: torch.Tensor, tau: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    r"""Where the fitted curve changes measurably with tau: by MIN_SENSITIVITY of its norm.
+
+    ``fisher (V, q, q)`` is JᵀJ with tau's column last, ``energy (V,)`` the fitted curve's
+    squared norm. The change of the curve for a change of ln tau by one, with the
+    coefficients fitted again, is :math:`\tau \sqrt{I_\tau}` (:func:`_last_information`).
+    Where it is below MIN_SENSITIVITY of the curve's norm, no data determine tau: a seed-model
+    T1 far below the shortest TI (``exp(-TI/T1)`` under float64's rounding) leaves the curve
+    constant, and its cost equals the bound's.
+    """
+    information = _last_information(fisher) * tau * tau
+    return information > MIN_SENSITIVITY**2 * energy  # False for NaN, and for no signal
 
 
 def _statistics_block(
@@ -1032,7 +1092,9 @@ def _statistics_block(
     signal = (phi * c[None]).sum(1)
     if model.magnitude:
         signal = signal.abs()
-    return (*_goodness(y - signal, columns, y), c)
+    rss, r_squared, fisher = _goodness(y - signal, columns, y)
+    determined = _determined(fisher, tau, (signal * signal).sum(0))
+    return rss, r_squared, _ridged_inverse_diagonal(fisher), c, determined
 
 
 def _statistics_decay(
@@ -1065,7 +1127,8 @@ def _statistics_decay(
     x = c * beta * r * r * (alpha * se[1] + beta * see[1])
     dd = (c * beta * r * r) ** 2 * see[2]
     fisher = torch.stack([torch.stack([g, x], -1), torch.stack([x, dd], -1)], -2)  # (V, 2, 2)
-    return rss, r_squared, _ridged_inverse_diagonal(fisher), c[None]
+    determined = _determined(fisher, tau, c * c * g)
+    return rss, r_squared, _ridged_inverse_diagonal(fisher), c[None], determined
 
 
 def _flatten(
@@ -1141,8 +1204,10 @@ def fit_varpro(
     FitResult
         Maps of the physical parameters (``model.derive``) and tau, with goodness of fit,
         on the CPU; ``device`` says where the fit ran. Voxels with NaN or inf data, without
-        signal (all zero) or with tau on a bound fail and are counted (``failures``); the
-        bounds are ``model.bounds`` with Levenberg-Marquardt, the ends of the grid without.
+        signal (all zero), with tau on a bound, or whose fitted curve does not change with tau
+        (by :data:`MIN_SENSITIVITY` of itself for a change of ln tau by one: "not determined")
+        fail and are counted (``failures``); the bounds are ``model.bounds`` with
+        Levenberg-Marquardt, the ends of the grid without.
 
     Raises
     ------
@@ -1196,6 +1261,7 @@ def fit_varpro(
     rss = torch.empty(n_voxels, dtype=keep, device=device)
     r_squared = torch.empty(n_voxels, dtype=keep, device=device)
     inverse_diag = torch.empty((n_voxels, p + 1), dtype=keep, device=device)
+    determined = torch.empty(n_voxels, dtype=torch.bool, device=device)
     history_chunks: list[list[float]] = []  # summed costs, one device sync per chunk
     bar = trange(0, n_voxels, chunk, desc="VarPro", disable=not progress, leave=False)
     # the grid's matrix products use the idle cores; the small operations of the refinement
@@ -1211,12 +1277,14 @@ def fit_varpro(
                 history,
             )  # fmt: skip
             history_chunks.append(torch.stack(history).tolist() if history else [])
-            rss[sl], r_squared[sl], inverse_diag[sl], c = _statistics(model, y, c, t)
+            rss[sl], r_squared[sl], inverse_diag[sl], c, determined[sl] = _statistics(
+                model, y, c, t
+            )
             coefficients[:, sl], tau[sl] = c, t
     # A grid search alone cannot leave its grid: a voxel at either end is pinned there.
     ends = (float(grid.min()), float(grid.max()))
     pinned = at_bound(tau, model.bounds if lm_iterations else ends)
-    ok = has_signal & torch.isfinite(rss) & torch.isfinite(tau) & ~pinned
+    ok = has_signal & torch.isfinite(rss) & torch.isfinite(tau) & ~pinned & determined
     sigma = noise_sigma if noise_sigma is not None else _estimate_sigma(rss, ok, n - p - 1)
     params = {**model.derive(coefficients), model.nonlinear: tau}
     sd_unit = {name: inverse_diag[:, i].clamp_min(0).sqrt() for i, name in enumerate(model.linear)}
@@ -1228,7 +1296,8 @@ def fit_varpro(
     return _result(
         shape, mask_flat, ok, params, rss.sqrt(), r_squared, sd_unit, sigma, loss_history,
         device, data.dtype,
-        {"not finite": ~finite, "no signal": ~has_signal, "at a bound": pinned},
+        {"not finite": ~finite, "no signal": ~has_signal, "at a bound": pinned,
+         "not determined": ~determined},
     )  # fmt: skip
 
 

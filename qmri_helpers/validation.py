@@ -58,6 +58,7 @@ FAILURE_REASONS: dict[str, str] = {
     "not finite": "with NaN or inf in the data",
     "no signal": "without signal (all zero)",
     "at a bound": "with the time constant on a bound of the fit",
+    "not determined": "whose data do not determine the time constant (the curve is flat in it)",
     "fit failed": "with non-finite or non-positive fitted values",
 }
 
