@@ -118,6 +118,12 @@ HOST_TAIL = {"cuda": 4096}
 #: the last iterations, on few columns, cost kernel launches rather than arithmetic. On a CPU
 #: two runs are faster (about 13%, measured).
 ONE_REFINEMENT = {"cpu": False, "cuda": True}
+#: The seed model's kink check also refines the best other basin of each voxel's grid scores
+#: where it scores close to the best. Only noise has such basins: at 256x256 it changes 14 of
+#: the 59k valid background voxels (their cost was up to 1.3% above the global optimum; no
+#: vial voxel), and costs about 28% more time (the search for the basin's peak over the grid),
+#: so it is off by default; set True for the global optimum in every voxel.
+FAR_BASINS = False
 
 
 def chunk_voxels(device: torch.device, bytes_per_voxel: int) -> int:
@@ -412,8 +418,13 @@ def _grid_basis(model: SeparableModel, grid: torch.Tensor, absolute: bool) -> to
 
 
 def _grid_search(
-    bases: list[torch.Tensor], p: int, y: torch.Tensor, buffer: torch.Tensor, width: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    bases: list[torch.Tensor],
+    p: int,
+    y: torch.Tensor,
+    buffer: torch.Tensor,
+    width: int = 0,
+    other: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple | None]:
     r"""Per sign pattern: best grid index, its score, the scores at k-1, k, k+1 and k-w ... k+w.
 
     ``bases`` holds the grid's orthonormal bases ``(n, p * K)`` (:func:`_grid_basis`) with the
@@ -424,7 +435,9 @@ def _grid_search(
     then reads it from there); the voxels run along its rows, so the search reduces contiguous
     memory (about twice as fast on a CPU as along the columns). Returns tensors of shape
     ``(S, V)``, ``(S, V)``, ``(S, 3, V)`` and ``(S, 2 w + 1, V)`` (indices clamped to the
-    grid; the window in the grid's precision).
+    grid; the window in the grid's precision), and with ``other`` the best other basin: the
+    highest inner local maximum of the scores more than ``w`` grid values from the best, its
+    index ``(S, V)`` (0: none) and the scores at k-1, k, k+1 there ``(S, 3, V)``; else None.
     """
     qmat = bases[0]
     n_grid, columns = qmat.shape[1] // p, qmat.shape[1]
@@ -442,6 +455,10 @@ def _grid_search(
     around = torch.empty((shape[0], 3, n_voxels), dtype=qmat.dtype, device=device)
     window = torch.empty((shape[0], 2 * width + 1 if width else 0, n_voxels), dtype=qmat.dtype,
                          device=device)  # fmt: skip
+    if other:
+        steps = torch.arange(-1, 2, device=device)
+        other_k = torch.empty(shape, dtype=torch.long, device=device)
+        other_around = torch.empty((shape[0], 3, n_voxels), dtype=qmat.dtype, device=device)
     for start in range(0, n_voxels, block):
         sl = slice(start, min(n_voxels, start + block))
         rows = sl.stop - sl.start
@@ -470,7 +487,20 @@ def _grid_search(
             best_k[s, sl], best[s, sl] = k, score
             around[s, :, sl] = values[:3]
             window[s, :, sl] = values[3:]
-    return best_k, best.to(dtype), around.to(dtype), window  # (the window: for starts only)
+            if other:  # inner local maxima (ties to the right broken), the best's basin cleared
+                inner_scores = scores[:, 1:-1]
+                peaks = torch.where(
+                    (inner_scores >= scores[:, :-2]) & (inner_scores > scores[:, 2:]),
+                    inner_scores, 0,
+                )  # fmt: skip
+                basin = (k[:, None] - 1 + offsets).clamp(0, n_grid - 3)
+                peak, k2 = peaks.scatter_(1, basin, 0).max(1)
+                k2 = torch.where(peak > 0, k2 + 1, 0)
+                values = scores.gather(1, k2.clamp(1, n_grid - 2)[:, None] + steps).T
+                other_k[s, sl] = k2
+                other_around[s, :, sl] = values.square() if positive else values
+    found = (other_k, other_around.to(dtype)) if other else None
+    return best_k, best.to(dtype), around.to(dtype), window, found
 
 
 def _grid_constants(
@@ -831,7 +861,9 @@ def _fit_chunk(
     seed = model.magnitude and not polarity
     # the window for the kink check, and the quartic start of Newton's method
     width = (KINK_STEPS if seed else 2 if model.decay is not None else 0) if max_iter else 0
-    ks, scores, around, window = _grid_search(bases, p, y, buffer, width)
+    ks, scores, around, window, other = _grid_search(
+        bases, p, y, buffer, width, other=seed and max_iter > 0 and FAR_BASINS
+    )
     starts = torch.stack([_parabola(around[s], ks[s], log_grid) for s in range(len(bases))])
     if width:
         smooth = None
@@ -866,8 +898,9 @@ def _fit_chunk(
         candidates = None
         if seed and max_iter:
             candidates = _neighbour_candidates(
-                model, j, ks[0], scores[0], around[0], window[0], grid_pattern, log_grid, kinks
-            )
+                model, j, ks[0], scores[0], around[0], window[0], grid_pattern, log_grid, kinks,
+                None if other is None else (other[0][0], other[1][0]),
+            )  # fmt: skip
         if candidates is not None and ONE_REFINEMENT.get(y.device.type, True):
             voxels_c, js_c, us_c, (lo_c, hi_c) = candidates
             lo, hi = (torch.full_like(starts[0], b) for b in model.bounds)
@@ -944,6 +977,7 @@ def _neighbour_candidates(
     grid_pattern: torch.Tensor,
     log_grid: torch.Tensor,
     kinks: torch.Tensor | None,
+    other: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None:
     """Step 1 of the seed model's kink check: the neighbouring patterns worth refining.
 
@@ -953,8 +987,12 @@ def _neighbour_candidates(
     pattern past the null is refined too, from its best grid value there, and within its own
     segment between two nulls (``kinks``, ln tau): where its cost falls towards the null, the
     segment's minimum is on the null, which the voxel's own pattern ``j`` has already covered,
-    so such a candidate leaves after one evaluation. Returns the candidates' voxels, patterns,
-    starts (ln tau) and bounds on tau, or None.
+    so such a candidate leaves after one evaluation. With :data:`FAR_BASINS`, likewise the
+    best other basin of the grid scores, ``other`` (its index, 0 for none, and the scores at
+    k-1, k, k+1 there; see :func:`_grid_search`), where it comes within KINK_MARGIN times its
+    own drop of the best score: on noise the cost has several basins, and a farther one can
+    hide a lower minimum. Returns the candidates' voxels, patterns, starts (ln tau) and bounds
+    on tau, or None.
     """
     device = j.device
     last = grid_pattern.numel() - 1
@@ -973,6 +1011,15 @@ def _neighbour_candidates(
         voxels.append(chosen)
         js.append(j.index_select(0, chosen) + side)
         start_k = near_k.gather(0, at[None])[0].index_select(0, chosen)
+        us.append(log_grid.index_select(0, start_k))
+    if other is not None:  # the best other basin, from its peak, in the pattern there
+        far_k, far_around = other
+        far_drop = (far_around[1] - 0.5 * (far_around[0] + far_around[2])).clamp_min(0)
+        close = (far_k > 0) & (far_around[1] + KINK_MARGIN * far_drop >= score)
+        chosen = torch.nonzero(close)[:, 0]
+        start_k = far_k.index_select(0, chosen)
+        voxels.append(chosen)
+        js.append(grid_pattern.index_select(0, start_k))
         us.append(log_grid.index_select(0, start_k))
     if not voxels:
         return None
