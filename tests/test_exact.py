@@ -211,7 +211,7 @@ class _FactoryRecorder(TorchFunctionMode):
         lambda ti: models.ir_tr_model(ti, 3.0, magnitude=False),
     ],
 )
-def test_solvers_create_every_tensor_on_the_data_device(make):
+def test_solvers_create_every_tensor_on_the_data_device(make, monkeypatch):
     """A factory call without ``device=`` would put work arrays on the CPU next to GPU data.
 
     On this CPU-only test the device is the CPU either way, so the test asks for the explicit
@@ -229,6 +229,8 @@ def test_solvers_create_every_tensor_on_the_data_device(make):
     with recorder:
         fitting.fit_lm(model, data, mask=torch.tensor([True] * 5 + [False]))
         fitting.fit_varpro(model, data)
+        monkeypatch.setattr(solvers, "FAR_BASINS", True)
+        fitting.fit_lm(model, data)
     assert recorder.calls, "the recorder saw no factory call"
     wrong = [(w, d) for w, d in recorder.calls if d is None or torch.device(d) != data.device]
     assert not wrong, f"factory calls without the data's device: {wrong}"
