@@ -152,8 +152,9 @@ def _with_pattern(y: torch.Tensor, rank: torch.Tensor, j: torch.Tensor, n: int) 
     that crosses zero before its last point from above. So ``j ± 1`` are always the patterns
     with the null moved by one point.
     """
-    flip = rank[:, None] < torch.remainder(j, n)[None, :]
-    return torch.where(flip, -y, y)
+    # y times +-1: twice as fast on a CPU as torch.where on a mask, and the same numbers
+    keep = rank[:, None] >= torch.remainder(j, n)[None, :]
+    return keep.to(y.dtype).mul_(2).sub_(1).mul_(y)
 
 
 # --- the cost of one pattern as a function of tau, with its derivatives ----------------------
@@ -474,8 +475,9 @@ def _grid_search(
                 scores = torch.matmul(y_block, basis, out=out)
             if not positive:
                 scores = scores.square_()
-                if p > 1:
-                    scores = scores.view(rows, p, n_grid).sum(1)
+                if p > 1:  # the basis vectors' squared projections, added (column i K + k)
+                    parts = [scores[:, i * n_grid : (i + 1) * n_grid] for i in range(p)]
+                    scores = sum(parts[1:], parts[0])
             score, k = scores.max(1)
             inner = k.clamp(1, n_grid - 2)
             near = torch.stack([inner - 1, inner, inner + 1], 1)
