@@ -450,6 +450,13 @@ def _grid_search(
     positive = (
         p == 1 and len(bases) == 1 and bool((qmat >= 0).all()) and bool((y >= 0).all())
     )  # fmt: skip
+    # a first basis vector that is the same for every grid value (a constant term, as in the
+    # 3-parameter model a + b e): its projection is computed once, and the search runs over
+    # the second vector's alone (half the products, and no sum over the two)
+    split = p == 2 and bool((qmat[:, :n_grid] == qmat[:, :1]).all())
+    if split:
+        heads = [basis[:, 0] for basis in bases]
+        bases = [basis[:, n_grid:].contiguous() for basis in bases]
     shape = (len(bases), n_voxels)
     best_k = torch.empty(shape, dtype=torch.long, device=device)
     best = torch.empty(shape, dtype=qmat.dtype, device=device)
@@ -463,7 +470,7 @@ def _grid_search(
     for start in range(0, n_voxels, block):
         sl = slice(start, min(n_voxels, start + block))
         rows = sl.stop - sl.start
-        out = buffer[: columns * rows].view(rows, columns)
+        out = buffer[: bases[0].shape[1] * rows].view(rows, bases[0].shape[1])
         y_block = y[:, sl].T.to(qmat.dtype)
         # MKL splits the rows of a product with few rows (5 to 30 voxels) between its
         # threads, and the projections' rounding then depends on their number; so few
@@ -475,9 +482,9 @@ def _grid_search(
                 scores = torch.matmul(y_block, basis, out=out)
             if not positive:
                 scores = scores.square_()
-                if p > 1:  # the basis vectors' squared projections, added (column i K + k)
+                if p > 1 and not split:  # the basis vectors' squared projections, added
                     parts = [scores[:, i * n_grid : (i + 1) * n_grid] for i in range(p)]
-                    scores = sum(parts[1:], parts[0])
+                    scores = sum(parts[1:], parts[0])  # (column i K + k: vector i of value k)
             score, k = scores.max(1)
             inner = k.clamp(1, n_grid - 2)
             near = torch.stack([inner - 1, inner, inner + 1], 1)
@@ -486,6 +493,9 @@ def _grid_search(
             values = scores.gather(1, near).T
             if positive:
                 score, values = score.square(), values.square()
+            if split:  # the constant term's share, the same at every grid value
+                head = torch.matmul(y_block, heads[s]).square_()
+                score, values = score + head, values + head
             best_k[s, sl], best[s, sl] = k, score
             around[s, :, sl] = values[:3]
             window[s, :, sl] = values[3:]
