@@ -591,6 +591,25 @@ def _quartic(
     return torch.where(ok, log_grid[k] + x.to(log_grid.dtype) * spacing, fallback)
 
 
+def _start(
+    around: torch.Tensor,
+    k: torch.Tensor,
+    log_grid: torch.Tensor,
+    spacing: float | None,
+    window: torch.Tensor | None,
+    smooth: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ln tau to start Newton's method from.
+
+    The top of the quartic through the ``window`` of scores (:func:`_quartic`); without a
+    window, or where the quartic does not serve, the parabola's (:func:`_parabola`).
+    """
+    start = _parabola(around, k, log_grid)
+    if window is None:
+        return start
+    return _quartic(window, k, log_grid, spacing, start, smooth)
+
+
 # --- stage 2: one-dimensional Levenberg-Marquardt on ln tau ---------------------------------
 
 
@@ -876,29 +895,18 @@ def _fit_chunk(
     ks, scores, around, window, other = _grid_search(
         bases, p, y, buffer, width, other=seed and max_iter > 0 and FAR_BASINS
     )
-    starts = torch.stack([_parabola(around[s], ks[s], log_grid) for s in range(len(bases))])
-    if width:
-        smooth = None
-        if seed:  # the same sign pattern at k-2 and k+2: no null between
-            last = grid_pattern.numel() - 1
-            smooth = (
-                grid_pattern[(ks[0] - 2).clamp(0, last)] == grid_pattern[(ks[0] + 2).clamp(0, last)]
-            )
-        starts = torch.stack(
-            [
-                _quartic(window[s], ks[s], log_grid, spacing, starts[s], smooth)
-                for s in range(len(bases))
-            ]
-        )
     if polarity:  # the patterns worth refining, each from its own best grid value
-        j, voxels_c, js_c, us_c = _polarity_candidates(
-            y, rank, scores, around, starts, max_iter > 0
-        )
-        u, cost, c = _refine_candidates(
-            model, y, rank, torch.cat([torch.arange(n_voxels, device=y.device), voxels_c]),
-            torch.cat([j, js_c]), torch.cat([starts.gather(0, j[None])[0], us_c]),
-            max_iter, tol, history, n_voxels,
+        j, voxels_c, js_c = _polarity_candidates(y, rank, scores, around, max_iter > 0)
+        pattern = torch.cat([j, js_c])
+        voxels = torch.cat([torch.arange(n_voxels, device=y.device), voxels_c])
+        # the starts of these (pattern, voxel) pairs only: about 4 of the n patterns
+        starts = _start(
+            around[pattern, :, voxels].T, ks[pattern, voxels], log_grid, spacing,
+            window[pattern, :, voxels].T if width else None,
         )  # fmt: skip
+        u, cost, c = _refine_candidates(
+            model, y, rank, voxels, pattern, starts, max_iter, tol, history, n_voxels
+        )
         best = (cost[:n_voxels], u[:n_voxels], c[:, :n_voxels], j)
         if voxels_c.numel():
             rest = slice(n_voxels, None)
@@ -906,6 +914,13 @@ def _fit_chunk(
             if history is not None:
                 history.append(best[0].sum())  # after the kink check
     else:
+        smooth = None
+        if seed and width:  # the same sign pattern at k-2 and k+2: no null between
+            last = grid_pattern.numel() - 1
+            smooth = (
+                grid_pattern[(ks[0] - 2).clamp(0, last)] == grid_pattern[(ks[0] + 2).clamp(0, last)]
+            )
+        start = _start(around[0], ks[0], log_grid, spacing, window[0] if width else None, smooth)
         j = grid_pattern[ks[0]] if seed else torch.zeros_like(ks[0])
         candidates = None
         if seed and max_iter:
@@ -915,10 +930,10 @@ def _fit_chunk(
             )  # fmt: skip
         if candidates is not None and ONE_REFINEMENT.get(y.device.type, True):
             voxels_c, js_c, us_c, (lo_c, hi_c) = candidates
-            lo, hi = (torch.full_like(starts[0], b) for b in model.bounds)
+            lo, hi = (torch.full_like(start, b) for b in model.bounds)
             u, cost, c = _refine_candidates(
                 model, y, rank, torch.cat([torch.arange(n_voxels, device=y.device), voxels_c]),
-                torch.cat([j, js_c]), torch.cat([starts[0], us_c]), max_iter, tol, history,
+                torch.cat([j, js_c]), torch.cat([start, us_c]), max_iter, tol, history,
                 n_voxels, (torch.cat([lo, lo_c]), torch.cat([hi, hi_c])),
             )  # fmt: skip
             best = (cost[:n_voxels], u[:n_voxels], c[:, :n_voxels], j.clone())
@@ -927,7 +942,7 @@ def _fit_chunk(
             candidates = None
         else:
             u, cost, c = _refine_candidates(
-                model, y, rank, None, j if seed else None, starts[0], max_iter, tol, history,
+                model, y, rank, None, j if seed else None, start, max_iter, tol, history,
                 n_voxels,
             )  # fmt: skip
             best = (cost, u, c, j.clone())
@@ -950,33 +965,31 @@ def _polarity_candidates(
     rank: torch.Tensor,
     scores: torch.Tensor,
     around: torch.Tensor,
-    starts: torch.Tensor,
     refined: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sign patterns of a model with a free polarity (3-parameter, TR-aware) to refine.
 
-    ``scores (S, V)``, ``around (S, 3, V)`` and ``starts (S, V)`` are the grid's results for
-    every pattern j = 0 ... n-1 (the first j points negative). Each voxel's pattern with the
+    ``scores (S, V)`` and ``around (S, 3, V)`` are the grid's results for every pattern
+    j = 0 ... n-1 (the first j points negative). Each voxel's pattern with the
     best grid score is refined; with ``refined`` also, as candidates, the patterns with the
     null next to the smallest magnitude and one point further either way (where a curve with
     signal crosses zero), and every other pattern whose best grid score comes within
     KINK_MARGIN times its own drop to its neighbours of the best one (a minimum between two
     grid values can hide that much). On noise, whose magnitudes say nothing of a null, the
-    best pattern can be any. Returns the best pattern ``(V,)`` and the candidates' voxels,
-    patterns and starts (ln tau).
+    best pattern can be any. Returns the best pattern ``(V,)`` and the candidates' voxels and
+    patterns.
     """
     n = y.shape[0]
     best = scores.argmax(0)
     if not refined:
-        empty = best[:0]
-        return best, empty, empty, starts[0, :0]
+        return best, best[:0], best[:0]
     drop = (around[:, 1] - 0.5 * (around[:, 0] + around[:, 2])).clamp_min(0)
     keep = scores + KINK_MARGIN * drop >= scores.gather(0, best[None])
     m = rank[y.min(0).indices]  # (min is much faster than argmin along dim 0 on a CPU)
     near = torch.remainder(m + torch.arange(-1, 3, device=y.device)[:, None], n)  # (4, V)
     keep.scatter_(0, near, True).scatter_(0, best[None], False)
     js, voxels = torch.nonzero(keep, as_tuple=True)
-    return best, voxels, js, starts[js, voxels]
+    return best, voxels, js
 
 
 def _neighbour_candidates(
