@@ -355,6 +355,23 @@ def test_voxels_either_side_of_a_null_get_the_global_optimum():
     assert float(rel.max()) < 1e-4
 
 
+def _tau_as_fitted(model, data: torch.Tensor) -> torch.Tensor:
+    """Tau of every voxel as the solver ends it, failed voxels included (float64)."""
+    taus = []
+    statistics = solvers._statistics
+
+    def keep(model, y, c, tau):
+        taus.append(tau.clone())
+        return statistics(model, y, c, tau)
+
+    solvers._statistics = keep
+    try:
+        fitting.fit_lm(model, data)
+    finally:
+        solvers._statistics = statistics
+    return torch.cat(taus).double()
+
+
 @pytest.mark.parametrize("name", ["3-parameter", "TR-aware"])
 def test_noise_voxels_of_a_free_polarity_model_get_the_global_optimum(name):
     """Magnitudes of pure noise: their smallest value says nothing of where a curve crosses zero.
@@ -373,7 +390,7 @@ def test_noise_voxels_of_a_free_polarity_model_get_the_global_optimum(name):
     fit = fitting.fit_lm(model, data)
     expected = reference_fit(model, data)
     # every voxel's tau is compared, valid or not (on a bound, or not determined)
-    tau = solvers_tau(model, data)
+    tau = _tau_as_fitted(model, data)
     cost, best = least_cost(model, data, tau), least_cost(model, data, expected)
     assert float(((cost - best) / best).max()) <= 1e-9
     ok = fit.valid
@@ -381,23 +398,6 @@ def test_noise_voxels_of_a_free_polarity_model_get_the_global_optimum(name):
     rel = (fit.params["t1"][ok].double() / expected[ok] - 1).abs()
     close = (least_cost(model, data[:, ok], expected[ok]) - best[ok]).abs() <= 1e-9 * best[ok]
     assert float(rel[close].max()) < 1e-4
-
-
-def solvers_tau(model, data: torch.Tensor) -> torch.Tensor:
-    """Tau of every voxel as the solver ends it, failed voxels included (float64)."""
-    taus = []
-    statistics = solvers._statistics
-
-    def keep(model, y, c, tau):
-        taus.append(tau.clone())
-        return statistics(model, y, c, tau)
-
-    solvers._statistics = keep
-    try:
-        fitting.fit_lm(model, data)
-    finally:
-        solvers._statistics = statistics
-    return torch.cat(taus).double()
 
 
 def test_a_time_constant_the_data_cannot_see_is_not_determined():
@@ -430,5 +430,5 @@ def test_far_basins_give_the_seed_model_the_global_optimum_on_noise(monkeypatch)
     noise = torch.randn((2, len(ti), 4000), generator=gen, dtype=torch.float64)
     data = 10 * torch.sqrt(noise[0] ** 2 + noise[1] ** 2)
     best = least_cost(model, data, reference_fit(model, data))
-    cost = least_cost(model, data, solvers_tau(model, data))
+    cost = least_cost(model, data, _tau_as_fitted(model, data))
     assert float(((cost - best) / best).max()) <= 1e-9
