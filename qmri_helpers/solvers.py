@@ -142,8 +142,8 @@ def chunk_voxels(device: torch.device, bytes_per_voxel: int) -> int:
 # --- sign patterns of magnitude data ---------------------------------------------------------
 
 
-def _with_pattern(y: torch.Tensor, rank: torch.Tensor, j: torch.Tensor, n: int) -> torch.Tensor:
-    """The data ``y (n, V)`` with the signs of the patterns ``j (V,)``: rank < j negated.
+def _signs(rank: torch.Tensor, j: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The signs ``(n, J)`` of the patterns ``j (J,)``: -1 where rank < j (mod n), else +1.
 
     A point's rank is its place in time order.
 
@@ -152,9 +152,26 @@ def _with_pattern(y: torch.Tensor, rank: torch.Tensor, j: torch.Tensor, n: int) 
     that crosses zero before its last point from above. So ``j ± 1`` are always the patterns
     with the null moved by one point.
     """
-    # y times +-1: twice as fast on a CPU as torch.where on a mask, and the same numbers
-    keep = rank[:, None] >= torch.remainder(j, n)[None, :]
-    return keep.to(y.dtype).mul_(2).sub_(1).mul_(y)
+    keep = rank[:, None] >= torch.remainder(j, rank.numel())[None, :]
+    return keep.to(dtype).mul_(2).sub_(1)
+
+
+def _with_pattern(y: torch.Tensor, rank: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """The data ``y (n, V)`` with the signs of the patterns ``j (V,)`` (:func:`_signs`).
+
+    A product with +-1: twice as fast on a CPU as torch.where on a mask, and the same numbers.
+    """
+    return _signs(rank, j, y.dtype).mul_(y)
+
+
+def _drop(around: torch.Tensor) -> torch.Tensor:
+    """How far the score at k lies above the mean of k-1 and k+1 (>= 0), ``around (..., 3, V)``.
+
+    A minimum between two grid values can hide about this much (a parabola's top lies at
+    most a quarter of it above the middle value); the kink checks allow KINK_MARGIN times it.
+    """
+    left, middle, right = around.unbind(-2)
+    return (middle - 0.5 * (left + right)).clamp_min(0)
 
 
 # --- the cost of one pattern as a function of tau, with its derivatives ----------------------
@@ -793,7 +810,7 @@ def _refine_candidates(
     """
     ys = y if voxels is None else y.index_select(1, voxels)
     if js is not None:
-        ys = _with_pattern(ys, rank, js, y.shape[0])
+        ys = _with_pattern(ys, rank, js)
     with thread_policy(y.device, ys.numel(), small=2**18):
         u, cost, c, _ = _refine(
             model, ys, us, bounds or model.bounds, max_iter, tol, history, n_main
@@ -887,8 +904,8 @@ def _fit_chunk(
     polarity = model.magnitude and model.polarity
     bases = [qmat]  # signed data, or the seed model whose |basis| carries its own signs
     if polarity:  # every pattern a monotone curve can have: the first j points negative
-        signs = torch.where(rank[None, :] < torch.arange(n, device=y.device)[:, None], -1, 1)
-        bases = [qmat * sign[:, None].to(qmat.dtype) for sign in signs]
+        signs = _signs(rank, torch.arange(n, device=y.device), qmat.dtype)  # (n, n patterns)
+        bases = [qmat * sign[:, None] for sign in signs.T]
     seed = model.magnitude and not polarity
     # the window for the kink check, and the quartic start of Newton's method
     width = (KINK_STEPS if seed else 2 if model.decay is not None else 0) if max_iter else 0
@@ -983,8 +1000,7 @@ def _polarity_candidates(
     best = scores.argmax(0)
     if not refined:
         return best, best[:0], best[:0]
-    drop = (around[:, 1] - 0.5 * (around[:, 0] + around[:, 2])).clamp_min(0)
-    keep = scores + KINK_MARGIN * drop >= scores.gather(0, best[None])
+    keep = scores + KINK_MARGIN * _drop(around) >= scores.gather(0, best[None])
     m = rank[y.min(0).indices]  # (min is much faster than argmin along dim 0 on a CPU)
     near = torch.remainder(m + torch.arange(-1, 3, device=y.device)[:, None], n)  # (4, V)
     keep.scatter_(0, near, True).scatter_(0, best[None], False)
@@ -1024,8 +1040,7 @@ def _neighbour_candidates(
     offsets = torch.arange(-KINK_STEPS, KINK_STEPS + 1, device=device)[:, None]
     near_k = (best_k + offsets).clamp(0, last)  # (2w + 1, V)
     near = grid_pattern[near_k]
-    drop = (around[1] - 0.5 * (around[0] + around[2])).clamp_min(0)
-    close = window >= score - KINK_MARGIN * drop
+    close = window >= score - KINK_MARGIN * _drop(around)
     voxels, js, us = [], [], []
     for side in (-1, 1):
         # the best close grid value past the null (none: -inf), as the start
@@ -1039,8 +1054,7 @@ def _neighbour_candidates(
         us.append(log_grid.index_select(0, start_k))
     if other is not None:  # the best other basin, from its peak, in the pattern there
         far_k, far_around = other
-        far_drop = (far_around[1] - 0.5 * (far_around[0] + far_around[2])).clamp_min(0)
-        close = (far_k > 0) & (far_around[1] + KINK_MARGIN * far_drop >= score)
+        close = (far_k > 0) & (far_around[1] + KINK_MARGIN * _drop(far_around) >= score)
         chosen = torch.nonzero(close)[:, 0]
         start_k = far_k.index_select(0, chosen)
         voxels.append(chosen)
