@@ -1026,9 +1026,11 @@ def _neighbour_candidates(
     grid value past it scores within KINK_MARGIN times the drop of the score from the best
     grid value to its neighbours (a minimum between two grid values can hide that much), the
     pattern past the null is refined too, from its best grid value there, and within its own
-    segment between two nulls (``kinks``, ln tau): where its cost falls towards the null, the
-    segment's minimum is on the null, which the voxel's own pattern ``j`` has already covered,
-    so such a candidate leaves after one evaluation. With :data:`FAR_BASINS`, likewise the
+    segment between two nulls (``kinks``, ln tau): where its cost falls towards the null, it
+    ends on the null (one step). That step is needed: the cost on the null can lie below the
+    minimum that the voxel's own pattern found, in another basin of that pattern's smooth cost
+    (leaving at the start instead lost 64 of the check's 97 lower costs at 256x256, one of
+    them in a vial). With :data:`FAR_BASINS`, likewise the
     best other basin of the grid scores, ``other`` (its index, 0 for none, and the scores at
     k-1, k, k+1 there; see :func:`_grid_search`), where it comes within KINK_MARGIN times its
     own drop of the best score: on noise the cost has several basins, and a farther one can
