@@ -7,7 +7,9 @@ plus golden-section search for every sign pattern (``exact_reference.py``), whic
 code with the solvers. On volumes the reference covers 4 of the slices. Each (solver, size)
 runs in a fresh process, so its peak memory is its own; after a warm-up call on 16x16 voxels
 and one at full size (timed apart: the first call in a process also pays for mapping fresh
-memory), the fast solvers are timed five times (the median is reported), the Adam recipes
+memory; Adam's takes 20 steps), the fast solvers are timed five times and the whole Adam
+recipes three times (the median is reported: single 2000-step runs of ``fit_adam`` scattered
+from 7.6 to 11.5 s at 256x256 on this shared machine), the shortened ones (volumes, busy rows)
 once. A "busy" row runs with one busy background process (a CPU loop that stops itself) on
 the machine, with the thread policy of ``qmri_helpers.fitting.thread_policy`` on and off. With
 CUDA present, GPU rows follow.
@@ -53,9 +55,9 @@ BEST_3 = "exact VarPro, 3-parameter (fit_lm)"
 #: Adam iterations of the seed recipe; on volumes (and busy rows) it runs ADAM_SHORT, scaled.
 ADAM_ITERATIONS, ADAM_SHORT = 2000, 200
 #: Timed repeats of a fast solver after its warm-up at full size, on any device (the median
-#: is reported: a shared machine's timings scatter by a third from call to call); the Adam
-#: recipes run once.
-REPEATS = 5
+#: is reported: a shared machine's timings scatter by a third from call to call), and of a
+#: whole (2000-step) Adam recipe; a shortened one (volumes, busy rows) runs once.
+REPEATS, ADAM_REPEATS = 5, 3
 #: Slices of a volume that the reference covers.
 REFERENCE_SLICES = 4
 #: Longest life of the busy background process (s); it is stopped as soon as its row is done.
@@ -172,19 +174,19 @@ def one(kind: str, size: str, reference: str, device: str, short: bool) -> dict:
     images = images.to(dev)
     out: dict = {"voxels": int(np.prod(images.shape[1:])), "device": device}
     adam = kind in ("seed", "plain")
-    if dev.type == "cuda" or not adam:  # the first call at full size is the warm-up, timed apart
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        _sync(dev)
-        start = time.perf_counter()
-        # (Adam's steps repeat one another: a few of them warm up as well as all of them)
-        run_solver(kind, images, ti, 20 if adam else n_iter)
-        _sync(dev)
-        if not adam:
-            out["warmup_s"] = time.perf_counter() - start
+    # the first call at full size is the warm-up, timed apart
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    _sync(dev)
+    start = time.perf_counter()
+    # (Adam's steps repeat one another: a few of them warm up as well as all of them)
+    run_solver(kind, images, ti, 20 if adam else n_iter)
+    _sync(dev)
+    if not adam:
+        out["warmup_s"] = time.perf_counter() - start
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     runs = []
-    for _ in range(1 if adam else REPEATS):
+    for _ in range((1 if short else ADAM_REPEATS) if adam else REPEATS):
         _sync(dev)
         start = time.perf_counter()
         t1 = run_solver(kind, images, ti, n_iter)
