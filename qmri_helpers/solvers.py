@@ -34,9 +34,12 @@ of :math:`\tau` alone (variable projection):
    value. The seed model's pattern follows from tau: tau's segment between two nulls
    (:math:`\tau = TI_i/\ln 2`) fixes it. Its check refines the pattern of the best grid
    value, then a neighbouring pattern where a null lies within three grid steps and a grid
-   value past it scores nearly as well, within that pattern's own segment; and a minimum
-   found outside its pattern's segment is refined again in the pattern there. This is what
-   fixes the local minima next to the null, where :math:`f` has a kink. (The patterns assume
+   value past it scores nearly as well, within that pattern's own segment; the best other
+   basin of its grid scores, far from the best grid value, where it scores nearly as well
+   (:data:`FAR_BASINS`: curves the model fits poorly can have their global optimum there);
+   and a minimum found outside its pattern's segment is refined again in the pattern there.
+   This is what fixes the local minima next to the null, where :math:`f` has a kink, and
+   those far from the best grid value. (The patterns assume
    a monotone curve: exact for a constant TR; with a TR that changes with TI, as on Siemens
    scanners, a curve could in principle change sign twice.)
 
@@ -119,11 +122,13 @@ HOST_TAIL = {"cuda": 4096}
 #: two runs are faster (about 13%, measured).
 ONE_REFINEMENT = {"cpu": False, "cuda": True}
 #: The seed model's kink check also refines the best other basin of each voxel's grid scores
-#: where it scores close to the best. Only noise has such basins: at 256x256 it changes 14 of
-#: the 59k valid background voxels (their cost was up to 1.3% above the global optimum; no
-#: vial voxel), and costs about 28% more time (the search for the basin's peak over the grid),
-#: so it is off by default; set True for the global optimum in every voxel.
-FAR_BASINS = False
+#: where it scores close to the best. Curves that the model fits poorly have such basins, and
+#: a far one can hold the global optimum. Without this check, on the synthetic phantom at
+#: 256x256, 14 of the 59k valid background voxels ended up to 1.3% above the global optimum's
+#: cost; on hazen's site-1 plate-5 scan (its TR changes with TI, which the seed model ignores)
+#: 242 voxels with strong signal reported T1 = 1.48 s where the global optimum lies at 0.74 s.
+#: It costs about 20% more time at 256x256 (the search for the basin's peak over the grid).
+FAR_BASINS = True
 
 
 def chunk_voxels(device: torch.device, bytes_per_voxel: int) -> int:
@@ -1029,9 +1034,9 @@ def _neighbour_candidates(
     segment between two nulls (``kinks``, ln tau): where its cost falls towards the null, it
     ends on the null (one step). That step is needed: the cost on the null can lie below the
     minimum that the voxel's own pattern found, in another basin of that pattern's smooth cost
-    (leaving at the start instead lost 64 of the check's 97 lower costs at 256x256, one of
-    them in a vial). With :data:`FAR_BASINS`, likewise the
-    best other basin of the grid scores, ``other`` (its index, 0 for none, and the scores at
+    (leaving at the start instead lost 64 of the check's 97 lower costs at 256x256 without
+    :data:`FAR_BASINS`, one of them in a vial). With FAR_BASINS, likewise the best other
+    basin of the grid scores, ``other`` (its index, 0 for none, and the scores at
     k-1, k, k+1 there; see :func:`_grid_search`), where it comes within KINK_MARGIN times its
     own drop of the best score: on noise the cost has several basins, and a farther one can
     hide a lower minimum. Returns the candidates' voxels, patterns, starts (ln tau) and bounds
