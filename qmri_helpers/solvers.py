@@ -31,7 +31,8 @@ of :math:`\tau` alone (variable projection):
    best one is refined, and with it the null next to the smallest magnitude (two patterns)
    and one point further either way, and every other pattern whose best grid score comes
    close to the best (on noise the best pattern can be any), each from its own best grid
-   value. The seed model's pattern follows from tau: tau's segment between two nulls
+   value, and the best pattern's best other basin where it scores nearly as well
+   (:data:`FAR_BASINS`). The seed model's pattern follows from tau: tau's segment between two nulls
    (:math:`\tau = TI_i/\ln 2`) fixes it. Its check refines the pattern of the best grid
    value, then a neighbouring pattern where a null lies within three grid steps and a grid
    value past it scores nearly as well, within that pattern's own segment; the best other
@@ -121,13 +122,16 @@ HOST_TAIL = {"cuda": 4096}
 #: the last iterations, on few columns, cost kernel launches rather than arithmetic. On a CPU
 #: two runs are faster (about 13%, measured).
 ONE_REFINEMENT = {"cpu": False, "cuda": True}
-#: The seed model's kink check also refines the best other basin of each voxel's grid scores
-#: where it scores close to the best. Curves that the model fits poorly have such basins, and
-#: a far one can hold the global optimum. Without this check, on the synthetic phantom at
-#: 256x256, 14 of the 59k valid background voxels ended up to 1.3% above the global optimum's
-#: cost; on hazen's site-1 plate-5 scan (its TR changes with TI, which the seed model ignores)
-#: 242 voxels with strong signal reported T1 = 1.48 s where the global optimum lies at 0.74 s.
-#: It costs about 20% more time at 256x256 (the search for the basin's peak over the grid).
+#: The kink check also refines the best other basin of each voxel's grid scores (for the
+#: 3-parameter and TR-aware models: of its best pattern's) where it scores close to the best.
+#: Curves that the model fits poorly have such basins, and a far one can hold the global
+#: optimum. Without this check, on the synthetic phantom at 256x256, 14 of the 59k valid
+#: background voxels of the seed model ended up to 1.3% above the global optimum's cost; on
+#: hazen's site-1 plate-5 scan (its TR changes with TI, which the seed model ignores) 242
+#: voxels with strong signal reported T1 = 1.48 s where the seed model's global optimum lies
+#: at 0.74 s, and 4 voxels of the TR-aware model T1 = 5-10 s instead of 0.15 s. It costs
+#: about 20% more time at 256x256 for the seed model and 13% for the 3-parameter model (the
+#: search for the basin's peak over the grid).
 FAR_BASINS = True
 
 
@@ -531,8 +535,12 @@ def _grid_search(
                 peak, k2 = peaks.scatter_(1, basin, 0).max(1)
                 k2 = torch.where(peak > 0, k2 + 1, 0)
                 values = scores.gather(1, k2.clamp(1, n_grid - 2)[:, None] + steps).T
+                if positive:
+                    values = values.square()
+                elif split:
+                    values = values + head
                 other_k[s, sl] = k2
-                other_around[s, :, sl] = values.square() if positive else values
+                other_around[s, :, sl] = values
     found = (other_k, other_around.to(dtype)) if other else None
     return best_k, best.to(dtype), around.to(dtype), window, found
 
@@ -926,6 +934,12 @@ def _fit_chunk(
             around[pattern, :, voxels].T, ks[pattern, voxels], log_grid, spacing,
             window[pattern, :, voxels].T if width else None,
         )  # fmt: skip
+        if max_iter and FAR_BASINS:  # and the best other basin of each voxel's best pattern
+            far = _far_candidates(bases, p, y, buffer, j, scores.gather(0, j[None])[0], log_grid)
+            if far is not None:
+                voxels_c, js_c = torch.cat([voxels_c, far[0]]), torch.cat([js_c, far[1]])
+                voxels, pattern = torch.cat([voxels, far[0]]), torch.cat([pattern, far[1]])
+                starts = torch.cat([starts, far[2]])
         u, cost, c = _refine_candidates(
             model, y, rank, voxels, pattern, starts, max_iter, tol, history, n_voxels
         )
@@ -1011,6 +1025,40 @@ def _polarity_candidates(
     keep.scatter_(0, near, True).scatter_(0, best[None], False)
     js, voxels = torch.nonzero(keep, as_tuple=True)
     return best, voxels, js
+
+
+def _far_candidates(
+    bases: list[torch.Tensor],
+    p: int,
+    y: torch.Tensor,
+    buffer: torch.Tensor,
+    j: torch.Tensor,
+    best: torch.Tensor,
+    log_grid: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The far basins of the 3-parameter and TR-aware models: :data:`FAR_BASINS` for them.
+
+    For each voxel's best pattern ``j (V,)`` (its grid scores searched again, pattern by
+    pattern, by :func:`_grid_search`) the best other basin more than KINK_STEPS grid values
+    from the best, where its score comes within KINK_MARGIN times its own drop of the best
+    score ``best (V,)``. Returns the candidates' voxels, patterns and starts (ln tau, the top
+    of the parabola through the basin's peak), or None.
+    """
+    voxels, js, us = [], [], []
+    for pattern in torch.unique(j).tolist():
+        chosen = torch.nonzero(j == pattern)[:, 0]
+        *_, found = _grid_search(
+            [bases[pattern]], p, y.index_select(1, chosen), buffer, KINK_STEPS, other=True
+        )
+        far_k, far_around = found[0][0], found[1][0]
+        close = (far_k > 0) & (far_around[1] + KINK_MARGIN * _drop(far_around) >= best[chosen])
+        keep = torch.nonzero(close)[:, 0]
+        voxels.append(chosen.index_select(0, keep))
+        js.append(torch.full_like(keep, pattern))
+        us.append(_parabola(far_around[:, keep], far_k.index_select(0, keep), log_grid))
+    if not voxels or sum(v.numel() for v in voxels) == 0:
+        return None
+    return torch.cat(voxels), torch.cat(js), torch.cat(us)
 
 
 def _neighbour_candidates(
@@ -1248,6 +1296,25 @@ def _check_model(model: SeparableModel, data: torch.Tensor) -> None:
         )
 
 
+def _check_magnitudes(model: SeparableModel, voxels: torch.Tensor) -> None:
+    """Refuse negative data for a magnitude model.
+
+    Real-valued (phase-corrected) IR images are negative before the null. A magnitude model
+    cannot fit them, and its sign search would fit something else: a plausible, wrong map.
+    """
+    if not model.magnitude:
+        return
+    negative = (voxels < 0) & torch.isfinite(voxels)  # NaN and -inf voxels fail on their own
+    if bool(negative.any()):
+        lowest = float(voxels[negative].min())
+        raise ValueError(
+            f"{model.name} fits magnitude images, but the data hold negative values (down to "
+            f"{lowest:.4g}, in {int(negative.any(0).sum())} voxels): signed (real-valued) images "
+            f"need the model made with magnitude=False, e.g. ir_three_parameter_model(ti, "
+            f"magnitude=False); data that are magnitudes pass as data.abs()"
+        )
+
+
 @_flushing_denormals
 def fit_varpro(
     model: SeparableModel,
@@ -1306,7 +1373,8 @@ def fit_varpro(
     ------
     ValueError
         For times that are not finite, negative or look like ms, empty data, a mask that
-        selects nothing, a bad grid, or a model whose number of times differs from the data's.
+        selects nothing, a bad grid, a model whose number of times differs from the data's, or
+        negative data for a magnitude model (signed images need ``magnitude=False``).
 
     Notes
     -----
@@ -1318,6 +1386,7 @@ def fit_varpro(
     _check_model(model, data)
     model, data = sort_model_times(model, data)
     voxels, mask_flat, shape = _flatten(data, mask)
+    _check_magnitudes(model, voxels)
     device = data.device
     lo, hi = model.bounds
     if grid is None:

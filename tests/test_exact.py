@@ -442,24 +442,26 @@ def test_far_basins_give_the_seed_model_the_global_optimum_on_noise(monkeypatch)
     assert float(((cost - best) / best).max()) <= 1e-9
 
 
-def test_far_basins_give_the_global_optimum_on_a_real_scan_the_seed_model_fits_poorly(
-    hazen, monkeypatch
-):
+@pytest.mark.parametrize(("name", "tolerance"), [("seed", 1e-9), ("TR-aware", 1e-7)])
+def test_far_basins_give_the_global_optimum_on_a_real_scan(hazen, monkeypatch, name, tolerance):
     """Site 1's plate-5 IR series has a TR that changes with TI, which the seed model ignores.
 
-    Its cost then has two basins, e.g. at T1 = 0.74 s and 1.48 s, and the far one can be the
-    lower. Every one of the 10,378 voxels with signal (above a fifth of the image's maximum)
-    must reach the independent reference's cost; without FAR_BASINS (the control) 242 of them
-    ended up to 9% above it.
+    The seed model's cost then has two basins, e.g. at T1 = 0.74 s and 1.48 s, and the far one
+    can be the lower; the TR-aware model's too on a few voxels whose signal falls with TI (a
+    basin at T1 = 5-10 s, the global optimum at 0.15 s). Every one of the 10,378 voxels with
+    signal (above a fifth of the image's maximum) must reach the independent reference's cost
+    (within 1e-7 for the TR-aware model: its flat costs on real data end within the solver's
+    tolerance). Without FAR_BASINS (the control) 242 voxels of the seed model ended up to 9%
+    above it, and 4 of the TR-aware model's up to 2.2%.
     """
     images, header = dicom.load_series(hazen / "T1/site1_20200218/plate5")
-    model = models.ir_seed_model(header.ti)
+    model = {"seed": models.ir_seed_model(header.ti),
+             "TR-aware": models.ir_tr_model(header.ti, header.tr)}[name]  # fmt: skip
     data = images.reshape(images.shape[0], -1).double()
-    strong = data.amax(0) > 0.2 * float(data.max())
-    data = data[:, strong]
+    data = data[:, data.amax(0) > 0.2 * float(data.max())]
     best = least_cost(model, data, reference_fit(model, data))
     cost = least_cost(model, data, _tau_as_fitted(model, data))
-    assert float(((cost - best) / best).max()) <= 1e-9
+    assert float(((cost - best) / best).max()) <= tolerance
     monkeypatch.setattr(solvers, "FAR_BASINS", False)
-    control = least_cost(model, data, _tau_as_fitted(model, data))
-    assert int(((control - best) / best > 1e-6).sum()) > 100
+    control = (least_cost(model, data, _tau_as_fitted(model, data)) - best) / best
+    assert int((control > 1e-3).sum()) >= 3

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from qmri_helpers import fitting, models, validation
+from qmri_helpers import dicom, fitting, models, validation
 
 TI = torch.tensor([0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.8, 1.2, 2.0, 3.0], dtype=torch.float64)
 TI_HAZEN = torch.tensor([0.05, 0.1, 0.2, 0.4, 0.6, 0.8], dtype=torch.float64)
@@ -303,6 +303,46 @@ def test_a_mask_that_selects_nothing_is_a_clear_error(fit):
         fit(model, data, mask=torch.zeros(5, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask must be a boolean"):
         fit(model, data, mask=torch.ones(5))
+
+
+@pytest.mark.parametrize("fit", LM_FITS.values(), ids=LM_FITS)
+@pytest.mark.parametrize(
+    "make", [models.ir_seed_model, models.ir_three_parameter_model], ids=["seed", "3-parameter"]
+)
+def test_signed_images_are_refused_by_a_magnitude_model(fit, make):
+    """Real-valued IR images are negative before the null; a magnitude model would fit them to
+    a wrong map. The same data fit exactly with the model made for signed images."""
+    signed = make(TI, magnitude=False)
+    c = torch.stack([torch.full_like(T1, 1000.0), torch.full_like(T1, -1900.0)])
+    data = signed(c[: len(signed.linear)], T1).float()  # seed: M0 (1 - 2 e), else a + b e
+    assert float(data.min()) < -800
+    with pytest.raises(ValueError) as refused:
+        fit(make(TI), data)
+    message = str(refused.value)
+    assert f"negative values (down to {float(data.min()):.4g}, in 4 voxels)" in message
+    assert "magnitude=False" in message and "data.abs()" in message
+    result = fit(signed, data, **({} if fit is fitting.fit_lm else {"lm_iterations": 50}))
+    assert result.valid.all()
+    assert torch.allclose(result.params["t1"].double(), T1, rtol=1e-4)
+    # negative values only in voxels the mask leaves out are no reason to refuse
+    magnitudes = torch.cat([data[:, :1].abs(), data[:, 1:]], 1)
+    mask = torch.tensor([True, False, False, False, False])
+    assert fit(make(TI), magnitudes, mask=mask).valid[0]
+
+
+@pytest.mark.shared
+def test_a_real_signed_series_is_refused_by_a_magnitude_model(hazen):
+    """Site 2's IR images are real-valued (negative before the null): the seed model fitted
+    them to T1 maps with costs up to 4e5 times the least cost of any curve of that shape."""
+    images, header = dicom.load_series(hazen / "T1/site2_20180925/plate5")
+    assert header.signed
+    with pytest.raises(ValueError, match=r"negative values \(down to -\d+.*magnitude=False"):
+        fitting.fit_lm(models.ir_seed_model(header.ti), images)
+    # the model for signed images fits them: R² of nearly 1 where there is signal
+    result = fitting.fit_lm(models.ir_tr_model(header.ti, header.tr, magnitude=False), images)
+    signal = images.abs().amax(0) > 0.2 * images.abs().max()
+    assert float(result.valid[signal].float().mean()) > 0.99
+    assert float(result.r_squared[signal & result.valid].median()) > 0.999
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
