@@ -22,27 +22,27 @@ of :math:`\tau` alone (variable projection):
    scores, and a converged voxel takes its last (sub-tolerance) step without another
    evaluation. Other models use the Golub-Pereyra Gauss-Newton curvature, or the secant of
    the slope over the last step where that is positive;
-3. magnitude data: :math:`\| |\Phi c| - y \|` equals the smallest signed cost
-   :math:`\|\Phi c - s \odot y\|` over the sign patterns :math:`s` a monotone IR curve can
-   have (the first :math:`j` points negative, or the last). Each pattern gives a smooth
-   :math:`f_s(\tau) \ge f(\tau)`, equal where the pattern is the model's own, so the global
-   optimum is the best of the patterns' minima. The kink check refines several patterns and
-   keeps the best: for the 3-parameter and TR-aware models the grid scores every pattern; the
-   best one is refined, and with it the null next to the smallest magnitude (two patterns)
-   and one point further either way, and every other pattern whose best grid score comes
-   close to the best (on noise the best pattern can be any), each from its own best grid
-   value, and the best pattern's best other basin where it scores nearly as well
-   (:data:`FAR_BASINS`). The seed model's pattern follows from tau: tau's segment between two nulls
-   (:math:`\tau = TI_i/\ln 2`) fixes it. Its check refines the pattern of the best grid
-   value, then a neighbouring pattern where a null lies within three grid steps and a grid
-   value past it scores nearly as well, within that pattern's own segment; the best other
+3. magnitude data (:math:`y \ge 0`; negative data are refused): :math:`\| |\Phi c| - y \|`
+   equals the smallest signed cost :math:`\|\Phi c - s \odot y\|` over the sign patterns
+   :math:`s` a monotone IR curve can have (the first :math:`j` points negative, or the last).
+   Each pattern gives a smooth :math:`f_s(\tau) \ge f(\tau)`, equal where the pattern is the
+   model's own, so the global optimum is the best of the patterns' minima. The kink check
+   refines several patterns and keeps the best: for the 3-parameter and TR-aware models the
+   grid scores every pattern; the best one is refined, and with it the null next to the
+   smallest magnitude (two patterns) and one point further either way, and every other pattern
+   whose best grid score comes close to the best (on noise the best pattern can be any), each
+   from its own best grid value, and the best pattern's best other basin where it scores nearly
+   as well (:data:`FAR_BASINS`). The seed model's pattern follows from tau: tau's segment
+   between two nulls (:math:`\tau = TI_i/\ln 2`) fixes it. Its check refines the pattern of the
+   best grid value, then a neighbouring pattern where a null lies within three grid steps and a
+   grid value past it scores nearly as well, within that pattern's own segment; the best other
    basin of its grid scores, far from the best grid value, where it scores nearly as well
-   (:data:`FAR_BASINS`: curves the model fits poorly can have their global optimum there);
-   and a minimum found outside its pattern's segment is refined again in the pattern there.
-   This is what fixes the local minima next to the null, where :math:`f` has a kink, and
-   those far from the best grid value. (The patterns assume
-   a monotone curve: exact for a constant TR; with a TR that changes with TI, as on Siemens
-   scanners, a curve could in principle change sign twice.)
+   (:data:`FAR_BASINS`: curves the model fits poorly can have their global optimum there); and
+   a minimum found outside its pattern's segment is refined again in the pattern there. This is
+   what fixes the local minima next to the null, where :math:`f` has a kink, and those far from
+   the best grid value. (The patterns assume a monotone curve: exact for a constant TR; with a
+   TR that changes with TI, as on Siemens scanners, a curve could in principle change sign
+   twice.)
 
 The work is organised for the hardware: on a CPU the refinement runs over blocks of columns
 that fit the cache, on a GPU over all of a chunk at once, and the voxels that have converged
@@ -1311,7 +1311,8 @@ def _check_magnitudes(model: SeparableModel, voxels: torch.Tensor) -> None:
             f"{model.name} fits magnitude images, but the data hold negative values (down to "
             f"{lowest:.4g}, in {int(negative.any(0).sum())} voxels): signed (real-valued) images "
             f"need the model made with magnitude=False, e.g. ir_three_parameter_model(ti, "
-            f"magnitude=False); data that are magnitudes pass as data.abs()"
+            f"magnitude=False); magnitudes with a few negative values (from filtering) can be "
+            f"passed as data.abs()"
         )
 
 
