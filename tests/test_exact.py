@@ -442,6 +442,7 @@ def test_far_basins_give_the_seed_model_the_global_optimum_on_noise(monkeypatch)
     assert float(((cost - best) / best).max()) <= 1e-9
 
 
+@pytest.mark.shared
 @pytest.mark.parametrize(("name", "tolerance"), [("seed", 1e-9), ("TR-aware", 1e-7)])
 def test_far_basins_give_the_global_optimum_on_a_real_scan(hazen, monkeypatch, name, tolerance):
     """Site 1's plate-5 IR series has a TR that changes with TI, which the seed model ignores.
