@@ -183,6 +183,18 @@ def _drop(around: torch.Tensor) -> torch.Tensor:
     return (middle - 0.5 * (left + right)).clamp_min(0)
 
 
+def _close_basins(
+    far_k: torch.Tensor, far_around: torch.Tensor, best: torch.Tensor
+) -> torch.Tensor:
+    """The voxels whose other basin (:func:`_grid_search`'s ``other``) is worth refining.
+
+    Those with such a basin (``far_k (V,)`` > 0) whose peak score, the middle of
+    ``far_around (3, V)``, comes within KINK_MARGIN times its own drop of ``best (V,)``.
+    """
+    close = (far_k > 0) & (far_around[1] + KINK_MARGIN * _drop(far_around) >= best)
+    return torch.nonzero(close)[:, 0]
+
+
 # --- the cost of one pattern as a function of tau, with its derivatives ----------------------
 
 
@@ -1051,8 +1063,7 @@ def _far_candidates(
             [bases[pattern]], p, y.index_select(1, chosen), buffer, KINK_STEPS, other=True
         )
         far_k, far_around = found[0][0], found[1][0]
-        close = (far_k > 0) & (far_around[1] + KINK_MARGIN * _drop(far_around) >= best[chosen])
-        keep = torch.nonzero(close)[:, 0]
+        keep = _close_basins(far_k, far_around, best[chosen])
         voxels.append(chosen.index_select(0, keep))
         js.append(torch.full_like(keep, pattern))
         us.append(_parabola(far_around[:, keep], far_k.index_select(0, keep), log_grid))
@@ -1109,8 +1120,7 @@ def _neighbour_candidates(
         us.append(log_grid.index_select(0, start_k))
     if other is not None:  # the best other basin, from its peak, in the pattern there
         far_k, far_around = other
-        close = (far_k > 0) & (far_around[1] + KINK_MARGIN * _drop(far_around) >= score)
-        chosen = torch.nonzero(close)[:, 0]
+        chosen = _close_basins(far_k, far_around, score)
         start_k = far_k.index_select(0, chosen)
         voxels.append(chosen)
         js.append(grid_pattern.index_select(0, start_k))
