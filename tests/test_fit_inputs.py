@@ -328,6 +328,10 @@ def test_signed_images_are_refused_by_a_magnitude_model(fit, make):
     magnitudes = torch.cat([data[:, :1].abs(), data[:, 1:]], 1)
     mask = torch.tensor([True, False, False, False, False])
     assert fit(make(TI), magnitudes, mask=mask).valid[0]
+    # nor are NaN and -inf: those voxels fail as "not finite", the others fit
+    bad = data.abs()
+    bad[2, 1], bad[3, 2] = -float("inf"), float("nan")
+    assert fit(make(TI), bad).failures == {"not finite": 2}
 
 
 @pytest.mark.shared
